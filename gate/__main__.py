@@ -1,0 +1,5 @@
+"""``python -m gate`` runs the command-line interface."""
+
+from gate.cli import main
+
+main()

@@ -1,0 +1,296 @@
+"""Command-line interface: thin click commands over the library.
+
+The only module that prints or exits. Errors become exit codes (README.md, "Exit codes"):
+0 success, 2 invalid input or configuration, 3 runtime failure, 130 interrupted.
+The runner (torch) is imported only inside the commands that score models.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shlex
+import sys
+import traceback
+from pathlib import Path
+
+import click
+
+import gate
+from gate.config import find_config, load_config
+from gate.errors import EXIT_INVALID_INPUT, EXIT_RUNTIME_FAILURE, CheckpointError, GateError
+from gate.plan import RunRequest, choose_base, load_suites
+from gate.progress import ProgressEvent
+from gate.scan import ScanReport, scan
+from gate.store import STORE_NAME, ResultsStore
+
+EXIT_INTERRUPTED = 130
+DEFAULT_OUT = "reports"
+DEMO_DIR = ".gate-demo"
+
+
+def _handle_errors(func):
+    """Turn domain errors into one clear message and a documented exit code; no traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except GateError as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(err.exit_code)
+        except KeyboardInterrupt:
+            click.echo(
+                "\ninterrupted: every finished score is kept in the results store; "
+                "run the same command again to finish the rest",
+                err=True,
+            )
+            sys.exit(EXIT_INTERRUPTED)
+        except click.exceptions.Exit:
+            raise
+        except Exception as err:  # noqa: BLE001 - a crash is a bug: say so, keep the exit code documented
+            if os.environ.get("GATE_DEBUG"):
+                traceback.print_exc()
+            click.echo(
+                f"internal error: {type(err).__name__}: {err}\n"
+                "this is a bug in gate; re-run with GATE_DEBUG=1 to see the traceback and report it",
+                err=True,
+            )
+            sys.exit(EXIT_RUNTIME_FAILURE)
+
+    return wrapper
+
+
+allow_pickle_option = click.option(
+    "--allow-pickle",
+    is_flag=True,
+    help="Accept pickled weights (.bin/.pt). Loading them can run arbitrary code: only for files you trust.",
+)
+base_option = click.option("--base", metavar="MODEL", help="Base model: a local folder or a hub id (cached).")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(gate.__version__, prog_name="gate")
+def main() -> None:
+    """gate: which fine-tuned checkpoint, if any, may ship?
+
+    Scans a folder of checkpoints, scores the base model and every checkpoint on held-out
+    suites with the base loaded once, and writes per-document results to OUT/results.json.
+    """
+
+
+@main.command("scan")
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
+@allow_pickle_option
+@base_option
+@_handle_errors
+def scan_command(directory: Path, as_json: bool, allow_pickle: bool, base: str | None) -> None:
+    """Find and validate the checkpoints below DIRECTORY, without loading any model.
+
+    Exits 0 when every checkpoint is valid, 2 when any is invalid or none is found.
+    """
+    report = scan(directory, allow_pickle=allow_pickle, base=base)
+    if as_json:
+        click.echo(json.dumps([c.to_json() for c in report.checkpoints], indent=2))
+    else:
+        _print_scan(report)
+    for warning in report.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    if not report.checkpoints:
+        raise CheckpointError(_no_checkpoints_message(directory))
+    if report.invalid:
+        sys.exit(EXIT_INVALID_INPUT)
+
+
+@main.command("run")
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help="gate.yaml (default: DIR/gate.yaml, then ./gate.yaml).")
+@base_option
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=DEFAULT_OUT, show_default=True, help="Output folder: results.json and the results store.")
+@click.option("--device", help="auto, cpu, cuda, cuda:N or mps (default: gate.yaml's, else auto).")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), help="Weights dtype (default: bfloat16 on CUDA, float32 on CPU).")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Sequences per forward pass (default 8).")
+@click.option("--max-length", type=click.IntRange(min=2), help="Tokens per scored window (default: model context, at most 2048).")
+@click.option("--stride", type=click.IntRange(min=1), help="Sliding-window step for long documents (default: max-length / 2).")
+@allow_pickle_option
+@click.option("--trust-remote-code", is_flag=True, help="Run model code shipped with the base. Only for models you trust.")
+@click.option("--online", is_flag=True, help="Allow contacting the Hugging Face hub (default: offline, local cache only).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress display.")
+@_handle_errors
+def run_command(directory: Path, config_path: Path | None, base: str | None, out_dir: Path, **options) -> None:
+    """Score the base and every checkpoint below DIRECTORY; write OUT/results.json.
+
+    Only what the results store lacks is computed: re-runs are incremental, and an interrupted
+    run continues where it stopped.
+    """
+    outcome = _run(directory, config_path, base, out_dir, **options)
+    sys.exit(outcome.exit_code)
+
+
+@main.command("demo")
+@click.option("--dir", "demo_dir", type=click.Path(path_type=Path), default=DEMO_DIR, show_default=True, help="Where the example models are built and cached.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=f"{DEFAULT_OUT}/demo", show_default=True, help="Output folder.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress display.")
+@_handle_errors
+def demo_command(demo_dir: Path, out_dir: Path, quiet: bool) -> None:
+    """Build a tiny example (a base and two LoRA runs, offline) and run gate on it.
+
+    The example is cached in --dir, so a second demo only re-reads the results store.
+    """
+    _set_offline(online=False)
+    from gate.runner.example import build_example
+
+    if not quiet:
+        click.echo(f"example models in {demo_dir} (built on first use, then cached)", err=True)
+    example = build_example(demo_dir)
+    outcome = _run(example.checkpoints, example.config, None, out_dir, quiet=quiet)
+    click.echo(f"\ndemo done: the base and {len(outcome.results.checkpoints)} checkpoints scored; see {outcome.results_path}")
+    sys.exit(outcome.exit_code)
+
+
+def _run(
+    directory: Path,
+    config_path: Path | None,
+    base: str | None,
+    out_dir: Path,
+    *,
+    device: str | None = None,
+    dtype: str | None = None,
+    batch_size: int | None = None,
+    max_length: int | None = None,
+    stride: int | None = None,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    online: bool = False,
+    quiet: bool = False,
+):
+    _set_offline(online)
+    config = load_config(find_config(str(config_path) if config_path else None, str(directory)))
+    suites = load_suites(config)
+    with ResultsStore(out_dir / STORE_NAME) as store:
+        report = scan(directory, allow_pickle=allow_pickle, base=base or config.base, hash_cache=store.hash_cache)
+    if not report.checkpoints:
+        raise CheckpointError(_no_checkpoints_message(directory))
+    if not report.valid:
+        reasons = "\n".join(f"  - {c.reason}" for c in report.invalid)
+        raise CheckpointError(f"{directory}: no valid checkpoint to score:\n{reasons}")
+    request = RunRequest(
+        scan=report,
+        suites=suites,
+        base=choose_base(base, config, report),
+        out_dir=out_dir,
+        device=device or config.device,
+        dtype=dtype or config.dtype,
+        batch_size=batch_size or config.batch_size,
+        max_length=max_length or config.max_length,
+        stride=stride or config.stride,
+        allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code,
+        online=online,
+        command=shlex.join(["gate", *sys.argv[1:]]),
+    )
+    from gate.runner import run  # torch is imported here, and only here
+
+    renderer = _ProgressRenderer(enabled=not quiet)
+    try:
+        outcome = run(request, progress=renderer)
+    finally:
+        renderer.close()
+    _print_run(outcome)
+    return outcome
+
+
+def _set_offline(online: bool) -> None:
+    """Offline unless asked: nothing reaches the network by default (set before transformers loads)."""
+    if not online:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def _no_checkpoints_message(directory: Path) -> str:
+    return (
+        f"{directory}: no checkpoints found; gate looks for folders holding adapter_config.json + "
+        "adapter_model.safetensors (LoRA) or config.json + model.safetensors (full weights), "
+        "such as the Trainer's checkpoint-N/ folders"
+    )
+
+
+def _print_scan(report: ScanReport) -> None:
+    if not report.checkpoints:
+        return
+    width = max(len(c.name) for c in report.checkpoints)
+    click.echo(f"{'checkpoint':<{width}}  {'kind':<4}  {'step':>6}  status")
+    for c in report.checkpoints:
+        step = "-" if c.step is None else str(c.step)
+        status = "ok" if c.ok else f"INVALID: {c.reason}"
+        click.echo(f"{c.name:<{width}}  {c.kind:<4}  {step:>6}  {status}")
+    click.echo(f"{len(report.valid)} valid, {len(report.invalid)} invalid")
+
+
+def _print_run(outcome) -> None:
+    results = outcome.results
+    suites = [s.name for s in results.suites]
+    models = [results.base, *results.checkpoints]
+    width = max(len(m.name) for m in models)
+    click.echo("perplexity (lower is better)")
+    click.echo(f"{'model':<{width}}  {'step':>6}  " + "  ".join(f"{s:>14}" for s in suites))
+    for m in models:
+        step = "-" if m.step is None else str(m.step)
+        if m.status != "ok":
+            click.echo(f"{m.name:<{width}}  {step:>6}  {m.status.upper()}: {m.reason}")
+            continue
+        cells = [f"{m.scores[s].perplexity:>14.4f}" if s in m.scores else f"{'-':>14}" for s in suites]
+        click.echo(f"{m.name:<{width}}  {step:>6}  " + "  ".join(cells))
+    click.echo(
+        f"computed {len(outcome.computed)} model x suite score(s), reused {len(outcome.reused)} from the store"
+    )
+    click.echo(f"results: {outcome.results_path}")
+    for message, _ in outcome.problems:
+        click.echo(f"error: {message}", err=True)
+
+
+class _ProgressRenderer:
+    """Renders runner progress events on stderr with rich."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self._progress = None
+        self._task = None
+
+    def __call__(self, event: ProgressEvent) -> None:
+        if not self.enabled:
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        if self._progress is None:
+            self._progress = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=Console(stderr=True),
+                transient=True,
+            )
+            self._progress.start()
+        if event.kind == "stage":
+            self._progress.console.print(f"· {event.message}", markup=False, highlight=False)
+        elif event.kind == "start":
+            description = f"{event.model} · {event.suite}"
+            self._task = self._progress.add_task(description, total=event.total)
+        elif event.kind == "advance" and self._task is not None:
+            self._progress.update(self._task, completed=event.done)
+        elif event.kind == "done" and self._task is not None:
+            self._progress.remove_task(self._task)
+            self._progress.console.print(
+                f"✓ {event.model} · {event.suite} ({event.total} documents)", markup=False, highlight=False
+            )
+            self._task = None
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None

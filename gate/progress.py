@@ -1,0 +1,31 @@
+"""Progress events the runner emits; the CLI renders them. No printing happens outside the CLI."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass
+class ProgressEvent:
+    """One step of a long run."""
+
+    kind: str
+    """``stage`` (a message), ``start`` (a model x suite begins), ``advance`` (documents done), ``done``."""
+    message: str = ""
+    """What is happening, for ``stage`` events."""
+    model: str = ""
+    """Model being scored: ``base`` or a checkpoint name."""
+    suite: str = ""
+    """Suite being scored."""
+    done: int = 0
+    """Documents finished so far in this model x suite."""
+    total: int = 0
+    """Documents in this model x suite."""
+
+
+ProgressFn = Callable[[ProgressEvent], None]
+
+
+def no_progress(event: ProgressEvent) -> None:
+    """A ProgressFn that shows nothing (library use, tests)."""

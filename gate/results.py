@@ -1,0 +1,263 @@
+"""The results.json schema: the one seam between the runner (GPU side) and policy/reports (CPU side).
+
+A versioned document of per-item numbers. Corpus metrics are derived from sufficient statistics
+(summed negative log-likelihood, token and byte counts), never averaged from per-document values:
+
+    perplexity    = exp(sum_d nll_d / sum_d tokens_d)
+    bits_per_byte = sum_d nll_d / (ln 2 * sum_d bytes_d)
+
+where nll_d is the summed negative natural-log likelihood of document d's scored tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from gate.errors import GateError
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class DocumentScore:
+    """Numbers for one document: everything a paired per-document statistic needs."""
+
+    id: str
+    """The document's stable id (pairs base and checkpoint item by item)."""
+    nll: float
+    """Summed negative log-likelihood (nats) of the scored tokens."""
+    tokens: int
+    """Number of scored tokens."""
+    bytes: int
+    """UTF-8 bytes of the scored text."""
+
+
+@dataclass
+class SuiteScore:
+    """One model on one perplexity suite."""
+
+    suite: str
+    """Suite name."""
+    nll_sum: float
+    """Sum of the documents' nll."""
+    tokens: int
+    """Sum of the documents' scored tokens."""
+    bytes: int
+    """Sum of the documents' scored UTF-8 bytes."""
+    documents: list[DocumentScore] = field(default_factory=list)
+    """Per-document records, in suite order."""
+
+    @property
+    def perplexity(self) -> float:
+        """exp(nll_sum / tokens): corpus perplexity, token-weighted."""
+        return math.exp(self.nll_sum / self.tokens)
+
+    @property
+    def bits_per_byte(self) -> float:
+        """nll_sum / (ln 2 * bytes): tokenizer-independent, comparable across vocabularies."""
+        return self.nll_sum / (math.log(2) * self.bytes)
+
+    @classmethod
+    def from_documents(cls, suite: str, documents: list[DocumentScore]) -> SuiteScore:
+        # math.fsum: the corpus sum must not depend on document order.
+        return cls(
+            suite=suite,
+            nll_sum=math.fsum(d.nll for d in documents),
+            tokens=sum(d.tokens for d in documents),
+            bytes=sum(d.bytes for d in documents),
+            documents=list(documents),
+        )
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out["perplexity"] = self.perplexity
+        out["bits_per_byte"] = self.bits_per_byte
+        return out
+
+    @classmethod
+    def from_json(cls, obj: dict) -> SuiteScore:
+        return cls(
+            suite=obj["suite"],
+            nll_sum=obj["nll_sum"],
+            tokens=obj["tokens"],
+            bytes=obj["bytes"],
+            documents=[DocumentScore(**d) for d in obj["documents"]],
+        )
+
+
+@dataclass
+class ModelResult:
+    """The base or one checkpoint, with its scores per suite."""
+
+    name: str
+    """Checkpoint name (path relative to the scanned folder); ``base`` for the base model."""
+    kind: str
+    """``base``, ``lora`` or ``full``."""
+    path: str
+    """Where it was loaded from (a folder, or a hub id for the base)."""
+    status: str = "ok"
+    """``ok``; ``invalid`` (rejected by the scanner); ``error`` (failed to load or score)."""
+    reason: str | None = None
+    """For invalid/error: what went wrong and how to fix it."""
+    step: int | None = None
+    """Training step, when known."""
+    weights_hash: str | None = None
+    """sha256 of the weights scored."""
+    train_loss: float | None = None
+    """Training loss logged at this step (trainer_state.json)."""
+    eval_loss: float | None = None
+    """Evaluation loss logged at this step (trainer_state.json)."""
+    lora: dict | None = None
+    """LoRA settings: r, alpha, target_modules."""
+    scores: dict[str, SuiteScore] = field(default_factory=dict)
+    """Suite name -> score."""
+
+    def to_json(self) -> dict:
+        out = {k: v for k, v in asdict(self).items() if k != "scores"}
+        out["scores"] = {name: s.to_json() for name, s in self.scores.items()}
+        return out
+
+    @classmethod
+    def from_json(cls, obj: dict) -> ModelResult:
+        fields = {k: v for k, v in obj.items() if k != "scores"}
+        return cls(**fields, scores={k: SuiteScore.from_json(v) for k, v in obj.get("scores", {}).items()})
+
+
+@dataclass
+class SuiteInfo:
+    """A suite as it was scored."""
+
+    name: str
+    """Suite name."""
+    type: str
+    """``perplexity``."""
+    path: str
+    """Data file."""
+    data_hash: str
+    """sha256 of the data file."""
+    identity: str
+    """Hash of data plus the options that change the numbers."""
+    documents: int
+    """Number of documents scored."""
+    chat_template: bool
+    """Whether the chat template was applied to prompt/completion documents."""
+
+
+@dataclass
+class RunSettings:
+    """Settings that were in force; base and every checkpoint always run under the same ones."""
+
+    device: str
+    """Device the models ran on."""
+    dtype: str
+    """Weights dtype."""
+    batch_size: int
+    """Sequences per forward pass requested (out-of-memory backoff may have used fewer)."""
+    max_length: int
+    """Tokens per scored window."""
+    stride: int
+    """Sliding-window step for documents longer than max_length."""
+    scoring: str
+    """Version tag of gate's scoring procedure."""
+    tokenizer_hash: str
+    """sha256 of the base tokenizer's files."""
+
+
+@dataclass
+class Results:
+    """The whole results.json document."""
+
+    schema_version: int
+    """Version of this schema; readers refuse versions they do not know."""
+    gate_version: str
+    """gate version that wrote it."""
+    created_at: str
+    """ISO-8601 UTC time of writing."""
+    command: str
+    """The command line that produced it."""
+    versions: dict[str, str]
+    """Versions of python, torch, transformers, peft."""
+    settings: RunSettings
+    """Scoring settings."""
+    base: ModelResult
+    """The base model and its scores."""
+    checkpoints: list[ModelResult]
+    """Every checkpoint found, valid or not, in scan order."""
+    suites: list[SuiteInfo]
+    """The suites scored."""
+    warnings: list[str] = field(default_factory=list)
+    """Non-fatal problems (scanner warnings and the like)."""
+
+    def to_json(self) -> dict:
+        return {
+            "schema_version": self.schema_version,
+            "gate_version": self.gate_version,
+            "created_at": self.created_at,
+            "command": self.command,
+            "versions": self.versions,
+            "settings": asdict(self.settings),
+            "base": self.base.to_json(),
+            "checkpoints": [c.to_json() for c in self.checkpoints],
+            "suites": [asdict(s) for s in self.suites],
+            "warnings": self.warnings,
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict) -> Results:
+        return cls(
+            schema_version=obj["schema_version"],
+            gate_version=obj["gate_version"],
+            created_at=obj["created_at"],
+            command=obj["command"],
+            versions=obj["versions"],
+            settings=RunSettings(**obj["settings"]),
+            base=ModelResult.from_json(obj["base"]),
+            checkpoints=[ModelResult.from_json(c) for c in obj["checkpoints"]],
+            suites=[SuiteInfo(**s) for s in obj["suites"]],
+            warnings=obj.get("warnings", []),
+        )
+
+
+def write_results(path: str | Path, results: Results) -> None:
+    """Write atomically: a reader never sees a half-written file, a crash leaves the old one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".results-", suffix=".json", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(results.to_json(), fh, indent=1, allow_nan=False)
+            fh.flush()
+            os.fsync(fh.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; results are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_results(path: str | Path) -> Results:
+    """Read results.json; refuses unknown schema versions with a message saying what to do."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise GateError(f"{path}: not found; run `gate run` first to produce it") from None
+    except (OSError, ValueError) as err:
+        raise GateError(f"{path}: unreadable ({err}); re-run `gate run` to rewrite it") from None
+    version = obj.get("schema_version") if isinstance(obj, dict) else None
+    if version != SCHEMA_VERSION:
+        raise GateError(
+            f"{path}: schema_version {version!r} is not {SCHEMA_VERSION}; it was written by another gate "
+            "version: re-run `gate run` with this one, or use the gate version that wrote it"
+        )
+    try:
+        return Results.from_json(obj)
+    except (KeyError, TypeError) as err:
+        raise GateError(f"{path}: malformed ({err!r}); re-run `gate run` to rewrite it") from None

@@ -1,0 +1,247 @@
+"""Loading models: the base once, adapters one at a time on top of it, full checkpoints alone."""
+
+from __future__ import annotations
+
+import gc
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from gate.errors import BaseModelError, CheckpointError, ConfigError, RunFailure
+from gate.scan import ADAPTER_SAFETENSORS, FULL_PICKLE, FULL_SAFETENSORS, PICKLE_FIX, Checkpoint
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+DEFAULT_MAX_LENGTH = 2048  # cap on the default window: logits of B x L x vocab must fit in memory
+
+
+def resolve_base(base: str, online: bool) -> Path:
+    """A local folder as is; a hub id through the local Hugging Face cache (or the hub if online)."""
+    local = Path(base).expanduser()
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise BaseModelError(
+                f"{local}: no config.json; --base must be a transformers model folder (save_pretrained output) or a hub id"
+            )
+        return local.resolve()
+    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", base):
+        raise BaseModelError(f"base {base!r}: no such folder; fix --base or `base:` in gate.yaml")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(base, local_files_only=not online))
+    except Exception as err:  # noqa: BLE001 - every failure here means "not available"
+        hint = "check the id" if online else f"download it first (`hf download {base}`) or pass --online"
+        raise BaseModelError(
+            f"base {base!r}: not a local folder and not in the Hugging Face cache ({type(err).__name__}); {hint}"
+        ) from None
+
+
+def weight_files(folder: Path, allow_pickle: bool) -> list[Path]:
+    """config.json plus the model's weight files (safetensors; pickled only when allowed)."""
+    names = sorted(p.name for p in folder.iterdir() if p.is_file())
+    weights = [n for n in names if FULL_SAFETENSORS.match(n)]
+    if not weights:
+        pickled = [n for n in names if FULL_PICKLE.match(n)]
+        if pickled and not allow_pickle:
+            raise BaseModelError(f"{folder / pickled[0]}: pickled weights refused; {PICKLE_FIX}")
+        weights = pickled
+    if not weights:
+        raise BaseModelError(f"{folder}: no model weights (model*.safetensors); is the download complete?")
+    return [folder / "config.json", *(folder / w for w in weights)]
+
+
+def tokenizer_files(folder: Path) -> list[Path]:
+    files = [folder / n for n in TOKENIZER_FILES if (folder / n).is_file()]
+    if not files:
+        raise BaseModelError(f"{folder}: no tokenizer files; save the tokenizer next to the model")
+    return files
+
+
+def read_model_config(folder: Path) -> dict:
+    try:
+        return json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise BaseModelError(f"{folder / 'config.json'}: unreadable ({err})") from None
+
+
+def context_size(config: dict, tokenizer) -> int | None:
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    limit = getattr(tokenizer, "model_max_length", None)
+    return limit if isinstance(limit, int) and limit < 1_000_000 else None
+
+
+def choose_window(requested: int | None, stride: int | None, context: int | None) -> tuple[int, int]:
+    """max_length (tokens per window) and stride, validated against the model's context."""
+    if requested is not None and context is not None and requested > context:
+        raise ConfigError(None, [f"max_length {requested} exceeds the model's context of {context} tokens; lower it"])
+    max_length = requested or min(context or DEFAULT_MAX_LENGTH, DEFAULT_MAX_LENGTH)
+    if max_length < 2:
+        raise ConfigError(None, [f"max_length {max_length} is too small; a window needs at least 2 tokens"])
+    stride = stride or max(1, max_length // 2)
+    if stride >= max_length:
+        raise ConfigError(None, [f"stride {stride} must be smaller than max_length {max_length}"])
+    return max_length, stride
+
+
+def choose_device(requested: str) -> torch.device:
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise ConfigError(None, [f"device {requested!r} is not a device; use auto, cpu, cuda, cuda:N or mps"]) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(None, ["device cuda was asked for but CUDA is not available; use --device cpu"])
+    return device
+
+
+def choose_dtype(requested: str, device: torch.device) -> torch.dtype:
+    if requested == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32  # CPU half precision is slow and inexact; float32 is the reference
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[requested]
+
+
+def load_tokenizer(folder: Path, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except Exception as err:  # noqa: BLE001 - surfaced as a message naming the folder
+        raise BaseModelError(f"{folder}: the tokenizer cannot be loaded ({type(err).__name__}: {err})") from None
+
+
+def load_model(folder: Path, device: torch.device, dtype: torch.dtype, trust_remote_code: bool, error=BaseModelError):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
+    except Exception as err:  # noqa: BLE001 - surfaced as a message naming the folder
+        hint = " (pass --trust-remote-code if you trust its code)" if "trust_remote_code" in str(err) else ""
+        raise error(f"{folder}: the model cannot be loaded{hint}: {type(err).__name__}: {err}") from None
+    return model.to(device).eval()
+
+
+def free_memory() -> None:
+    """Return freed model memory (call after dropping every reference to a model)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class AdapterSlot:
+    """Holds at most one adapter on the loaded base: memory stays at base + one adapter."""
+
+    def __init__(self, base_model):
+        self.base_model = base_model
+        self.model = None  # the PeftModel, created on the first attach
+        self.active: str | None = None
+        self._count = 0
+
+    def attach(self, ckpt: Checkpoint):
+        """Load the checkpoint's adapter and make it the active one; returns the model to score."""
+        from peft import PeftModel
+
+        name = f"gate_{self._count}"
+        self._count += 1
+        try:
+            if self.model is None:
+                self.model = PeftModel.from_pretrained(self.base_model, ckpt.path, adapter_name=name, is_trainable=False)
+            else:
+                self.model.load_adapter(ckpt.path, adapter_name=name, is_trainable=False)
+                self.model.set_adapter(name)
+        except Exception as err:  # noqa: BLE001 - every load failure is this checkpoint's problem
+            self._forget(name)
+            raise CheckpointError(f"{ckpt.name}: the adapter does not fit the base: {_load_reason(err)}") from None
+        self.active = name
+        self.model.eval()
+        return self.model
+
+    def detach(self) -> None:
+        if self.active is not None:
+            self._forget(self.active)
+            self.active = None
+
+    def _forget(self, name: str) -> None:
+        if self.model is not None and name in self.model.peft_config:
+            self.model.delete_adapter(name)
+
+
+def _load_reason(err: Exception) -> str:
+    text = str(err)
+    if "size mismatch" in text:
+        first = next((line.strip() for line in text.splitlines() if "size mismatch" in line), text)
+        return f"{first[:300]}; it was trained on another base model: pass --base with the model it was trained from"
+    if "not found in the base model" in text or "Target modules" in text:
+        return f"{text[:300]}; the adapter targets modules this base lacks: pass --base with the model it was trained from"
+    return f"{type(err).__name__}: {text[:300]}"
+
+
+def tokenizer_problem(ckpt: Checkpoint, base_tokenizer, base_vocab_size: int, trust_remote_code: bool) -> str | None:
+    """Why per-token numbers of this checkpoint are not comparable with the base's, if they are not."""
+    if ckpt.has_tokenizer:
+        own = load_tokenizer(Path(ckpt.path), trust_remote_code)
+        if own.get_vocab() != base_tokenizer.get_vocab():
+            return (
+                f"{ckpt.name}: its tokenizer differs from the base's ({len(own)} vs {len(base_tokenizer)} tokens); "
+                "per-token perplexity is not comparable. Evaluate it with the base tokenizer, or train without "
+                "adding tokens"
+            )
+    if ckpt.kind == "lora":
+        from safetensors import safe_open
+
+        path = Path(ckpt.path) / ADAPTER_SAFETENSORS
+        if path.is_file():
+            with safe_open(str(path), framework="pt") as fh:
+                for key in fh.keys():
+                    if ("embed_tokens" in key or "lm_head" in key) and "lora_" not in key:
+                        rows = fh.get_slice(key).get_shape()[0]
+                        if rows != base_vocab_size:
+                            return (
+                                f"{ckpt.name}: {key} has {rows} rows but the base vocabulary has {base_vocab_size}; "
+                                "the adapter resized the embeddings (added tokens), so per-token perplexity is "
+                                "not comparable with the base"
+                            )
+    return None
+
+
+def check_versions() -> None:
+    """Fail early, with the pip command that fixes it, on library versions gate was not built for."""
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    needs = {"torch": "2.4", "transformers": "4.56", "peft": "0.13"}
+    for package, minimum in needs.items():
+        found = version(package)
+        if Version(found) < Version(minimum):
+            raise RunFailure(f"{package} {found} is too old; gate needs >= {minimum}: pip install '{package}>={minimum}'")
+
+
+def library_versions() -> dict[str, str]:
+    import platform
+    from importlib.metadata import version
+
+    return {
+        "python": platform.python_version(),
+        **{p: version(p) for p in ("torch", "transformers", "peft")},
+    }

@@ -1,0 +1,223 @@
+"""The results store: SQLite under the output folder, keyed by content hashes, atomic, resumable.
+
+One row of ``suite_scores`` is one (model, suite) pair scored under one set of scoring settings;
+its key is a hash of the base weights, the checkpoint weights, the suite data, the tokenizer and
+the settings that change numbers. A pair is written in one transaction once fully scored, so a
+run killed at any moment leaves only complete rows, and a re-run computes only missing keys.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+from gate.errors import RunFailure
+from gate.hashing import sha256_json
+from gate.results import DocumentScore, SuiteScore
+
+STORE_NAME = "gate.sqlite"
+STORE_SCHEMA = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS file_hashes (
+    path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, sha256 TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS suite_scores (
+    key TEXT PRIMARY KEY,
+    model_hash TEXT NOT NULL,
+    suite_identity TEXT NOT NULL,
+    identity_json TEXT NOT NULL,
+    suite TEXT NOT NULL,
+    nll_sum REAL NOT NULL,
+    tokens INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    device TEXT NOT NULL,
+    batch_size INTEGER NOT NULL,
+    seconds REAL NOT NULL,
+    gate_version TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS document_scores (
+    score_key TEXT NOT NULL REFERENCES suite_scores(key) ON DELETE CASCADE,
+    position INTEGER NOT NULL,
+    doc_id TEXT NOT NULL,
+    nll REAL NOT NULL,
+    tokens INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    PRIMARY KEY (score_key, position)
+);
+"""
+
+
+@dataclass
+class ScoreIdentity:
+    """Everything that determines a (model, suite) score; its hash is the store key."""
+
+    base_hash: str | None
+    """sha256 of the base weights (None for a full checkpoint, which stands alone)."""
+    model_hash: str
+    """sha256 of the weights scored: the base's, an adapter's, or a full checkpoint's."""
+    tokenizer_hash: str
+    """sha256 of the tokenizer files used."""
+    suite_identity: str
+    """Suite data hash plus the suite options that change numbers."""
+    settings: dict
+    """Scoring settings that change numbers (dtype, max_length, stride, scoring version)."""
+
+    @property
+    def key(self) -> str:
+        return sha256_json(self.as_json())
+
+    def as_json(self) -> dict:
+        return {
+            "base": self.base_hash,
+            "model": self.model_hash,
+            "tokenizer": self.tokenizer_hash,
+            "suite": self.suite_identity,
+            "settings": self.settings,
+        }
+
+
+@dataclass
+class ScoreProvenance:
+    """How a stored score was computed (kept for the report; not part of the key)."""
+
+    device: str
+    """Device it ran on."""
+    batch_size: int
+    """Batch size actually used (after any out-of-memory backoff)."""
+    seconds: float
+    """Wall time of the scoring."""
+    gate_version: str
+    """gate version that computed it."""
+
+
+class ResultsStore:
+    """SQLite store of per-document scores. Safe for concurrent readers and writers (WAL)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # timeout: a second `gate run` on the same folder waits for the writer's lock.
+            self._conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA foreign_keys=ON")
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+            self._conn.executescript(_SCHEMA)  # idempotent; executescript manages its own commit
+            with self._transaction():
+                self._check_version()
+        except sqlite3.DatabaseError as err:
+            raise RunFailure(
+                f"{self.path}: the results store cannot be opened ({err}); move it aside to start a fresh one"
+            ) from None
+
+    def _transaction(self):
+        return _Transaction(self._conn)
+
+    def _check_version(self) -> None:
+        row = self._conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        if row is None:
+            self._conn.execute("INSERT INTO meta VALUES ('schema', ?)", (str(STORE_SCHEMA),))
+        elif row[0] != str(STORE_SCHEMA):
+            raise RunFailure(
+                f"{self.path}: store schema {row[0]} is not {STORE_SCHEMA}; it was made by another gate "
+                "version: use another --out folder or move this file aside"
+            )
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> ResultsStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def has(self, key: str) -> bool:
+        return self._conn.execute("SELECT 1 FROM suite_scores WHERE key=?", (key,)).fetchone() is not None
+
+    def get(self, key: str) -> SuiteScore | None:
+        row = self._conn.execute("SELECT suite FROM suite_scores WHERE key=?", (key,)).fetchone()
+        if row is None:
+            return None
+        docs = [
+            DocumentScore(id=doc_id, nll=nll, tokens=tokens, bytes=nbytes)
+            for doc_id, nll, tokens, nbytes in self._conn.execute(
+                "SELECT doc_id, nll, tokens, bytes FROM document_scores WHERE score_key=? ORDER BY position",
+                (key,),
+            )
+        ]
+        return SuiteScore.from_documents(row[0], docs)
+
+    def put(self, identity: ScoreIdentity, score: SuiteScore, provenance: ScoreProvenance) -> None:
+        """Store one complete (model, suite) score in a single transaction."""
+        key = identity.key
+        now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        with self._transaction():
+            self._conn.execute("DELETE FROM suite_scores WHERE key=?", (key,))
+            self._conn.execute(
+                "INSERT INTO suite_scores VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    key,
+                    identity.model_hash,
+                    identity.suite_identity,
+                    json.dumps(identity.as_json(), sort_keys=True),
+                    score.suite,
+                    score.nll_sum,
+                    score.tokens,
+                    score.bytes,
+                    provenance.device,
+                    provenance.batch_size,
+                    provenance.seconds,
+                    provenance.gate_version,
+                    now,
+                ),
+            )
+            self._conn.executemany(
+                "INSERT INTO document_scores VALUES (?,?,?,?,?,?)",
+                [(key, i, d.id, d.nll, d.tokens, d.bytes) for i, d in enumerate(score.documents)],
+            )
+
+    def count(self) -> int:
+        return self._conn.execute("SELECT COUNT(*) FROM suite_scores").fetchone()[0]
+
+    @property
+    def hash_cache(self) -> _FileHashCache:
+        return _FileHashCache(self._conn)
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception (Ctrl-C included)."""
+
+    def __init__(self, conn: sqlite3.Connection):
+        self._conn = conn
+
+    def __enter__(self) -> None:
+        self._conn.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self._conn.execute("COMMIT")
+        else:
+            self._conn.execute("ROLLBACK")
+
+
+class _FileHashCache:
+    """gate.hashing.HashCache backed by the store, so unchanged weights are not re-hashed."""
+
+    def __init__(self, conn: sqlite3.Connection):
+        self._conn = conn
+
+    def get(self, path: str, size: int, mtime_ns: int) -> str | None:
+        row = self._conn.execute(
+            "SELECT sha256 FROM file_hashes WHERE path=? AND size=? AND mtime_ns=?", (path, size, mtime_ns)
+        ).fetchone()
+        return row[0] if row else None
+
+    def put(self, path: str, size: int, mtime_ns: int, sha256: str) -> None:
+        self._conn.execute("INSERT OR REPLACE INTO file_hashes VALUES (?,?,?,?)", (path, size, mtime_ns, sha256))

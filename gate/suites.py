@@ -1,0 +1,217 @@
+"""Reads perplexity suite data (JSONL, one document per line) and hashes it.
+
+Three document shapes, one per line:
+
+* ``{"text": ...}``: every token of the text is scored;
+* ``{"prompt": ..., "completion": ...}``: only the completion's tokens are scored, given the prompt;
+* ``{"messages": [{"role": ..., "content": ...}, ...]}``: the chat template is applied and the
+  assistant turns are scored.
+
+An optional ``"id"`` names the document; without one, the id is a hash of the document's content,
+so ids stay stable when lines are added, removed or reordered (the policy pairs documents by id).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gate.errors import SuiteError
+from gate.hashing import sha256_bytes, sha256_json
+
+ALLOWED_KEYS = {"id", "text", "prompt", "completion", "messages", "meta"}
+MAX_REPORTED_PROBLEMS = 20
+
+
+@dataclass
+class Document:
+    """One scored document of a perplexity suite."""
+
+    id: str
+    """Stable identifier: the line's ``id``, else ``h:`` + a hash of the content."""
+    shape: str
+    """``text``, ``prompt`` (prompt + completion) or ``messages``."""
+    text: str | None = None
+    """The whole text, for shape ``text``."""
+    prompt: str | None = None
+    """The unscored context, for shape ``prompt``."""
+    completion: str | None = None
+    """The scored continuation, for shape ``prompt``."""
+    messages: list[dict] | None = None
+    """Chat turns ``{"role", "content"}``, for shape ``messages``; assistant turns are scored."""
+    line: int = 0
+    """1-based line number in the suite file, for messages that point at the data."""
+
+
+@dataclass
+class Suite:
+    """A perplexity suite: its documents and the identity that results are keyed by."""
+
+    name: str
+    """Name from gate.yaml; results and policy refer to the suite by it."""
+    path: str
+    """Absolute path of the JSONL file."""
+    documents: list[Document]
+    """The usable documents, in file order."""
+    data_hash: str
+    """sha256 of the file's bytes."""
+    chat_template: bool = True
+    """Whether prompt/completion documents go through the tokenizer's chat template."""
+    options: dict = field(default_factory=dict)
+    """Options that change what is scored; part of the suite's identity."""
+
+    @property
+    def identity(self) -> str:
+        """Hash of everything about the suite that changes its numbers."""
+        return sha256_json({"data": self.data_hash, "chat_template": self.chat_template, **self.options})
+
+    @property
+    def shapes(self) -> set[str]:
+        return {d.shape for d in self.documents}
+
+
+def builtin_suites_dir() -> Path:
+    """Folder of the suites shipped with gate (source checkout or installed wheel)."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "suites", here / "_builtin_suites"):
+        if candidate.is_dir():
+            return candidate
+    return here.parent / "suites"
+
+
+def builtin_suite_names() -> list[str]:
+    return sorted(p.stem for p in builtin_suites_dir().glob("*.jsonl"))
+
+
+def builtin_suite_path(name: str) -> Path | None:
+    path = builtin_suites_dir() / f"{name}.jsonl"
+    return path if path.is_file() else None
+
+
+def load_suite(
+    name: str,
+    path: str | Path,
+    *,
+    chat_template: bool = True,
+    max_documents: int | None = None,
+) -> Suite:
+    """Read and validate a JSONL suite. Raises SuiteError listing every bad line at once."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise SuiteError(f"{path}: suite {name!r} file not found; fix its path in gate.yaml") from None
+    except OSError as err:
+        raise SuiteError(f"{path}: suite {name!r} cannot be read ({err.strerror})") from None
+    documents: list[Document] = []
+    problems: list[str] = []
+    for number, line_bytes in enumerate(raw.splitlines(), start=1):
+        try:
+            line = line_bytes.decode("utf-8")
+        except UnicodeDecodeError as err:
+            problems.append(f"line {number}: not UTF-8 ({err.reason} at byte {err.start}); re-save the file as UTF-8")
+            continue
+        if not line.strip():
+            continue  # blank lines separate nothing and hold nothing: skip them
+        try:
+            doc = _parse_line(line, number)
+        except ValueError as err:
+            problems.append(f"line {number}: {err}")
+            continue
+        documents.append(doc)
+    problems += _assign_ids(documents)
+    if problems:
+        shown = problems[:MAX_REPORTED_PROBLEMS]
+        more = len(problems) - len(shown)
+        tail = f"\n  ... and {more} more" if more else ""
+        listing = "\n".join(f"  - {p}" for p in shown)
+        raise SuiteError(f"{path}: suite {name!r} has {len(problems)} bad line(s):\n{listing}{tail}")
+    if not documents:
+        raise SuiteError(
+            f"{path}: suite {name!r} has no documents; write one JSON object per line with "
+            '"text", "prompt" + "completion", or "messages"'
+        )
+    options = {}
+    if max_documents is not None:
+        documents = documents[:max_documents]
+        options["max_documents"] = max_documents
+    return Suite(
+        name=name,
+        path=str(path.resolve()),
+        documents=documents,
+        data_hash=sha256_bytes(raw),
+        chat_template=chat_template,
+        options=options,
+    )
+
+
+def _parse_line(line: str, number: int) -> Document:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"not valid JSON ({err.msg} at column {err.colno})") from None
+    if not isinstance(obj, dict):
+        raise ValueError("must be a JSON object")
+    unknown = sorted(set(obj) - ALLOWED_KEYS)
+    if unknown:
+        raise ValueError(f"unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(ALLOWED_KEYS))}")
+    doc_id = obj.get("id")
+    if doc_id is not None and not isinstance(doc_id, (str, int)):
+        raise ValueError(f'"id" must be a string or an integer, not {type(doc_id).__name__}')
+    doc_id = None if doc_id is None else str(doc_id)
+    if "text" in obj:
+        if {"prompt", "completion", "messages"} & set(obj):
+            raise ValueError('has "text" and another shape; use one of text, prompt+completion, messages')
+        return Document(id=doc_id, shape="text", text=_nonempty(obj, "text"), line=number)
+    if "messages" in obj:
+        if {"prompt", "completion"} & set(obj):
+            raise ValueError('has "messages" and "prompt"/"completion"; use one shape per line')
+        return Document(id=doc_id, shape="messages", messages=_messages(obj["messages"]), line=number)
+    if "completion" in obj:
+        prompt = obj.get("prompt", "")
+        if not isinstance(prompt, str):
+            raise ValueError('"prompt" must be a string')
+        return Document(id=doc_id, shape="prompt", prompt=prompt, completion=_nonempty(obj, "completion"), line=number)
+    raise ValueError('needs "text", "prompt" + "completion", or "messages"')
+
+
+def _nonempty(obj: dict, key: str) -> str:
+    value = obj[key]
+    if not isinstance(value, str):
+        raise ValueError(f'"{key}" must be a string, not {type(value).__name__}')
+    if not value.strip():
+        raise ValueError(f'"{key}" is empty; there is nothing to score')
+    return value
+
+
+def _messages(value: object) -> list[dict]:
+    if not isinstance(value, list) or not value:
+        raise ValueError('"messages" must be a non-empty list of {"role", "content"} objects')
+    for i, msg in enumerate(value):
+        if not isinstance(msg, dict) or not isinstance(msg.get("role"), str) or not isinstance(msg.get("content"), str):
+            raise ValueError(f'messages[{i}] must be an object with string "role" and "content"')
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in value):
+        raise ValueError("has no non-empty assistant turn; there is nothing to score")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _assign_ids(documents: list[Document]) -> list[str]:
+    """Give unnamed documents a content-hash id; report duplicate explicit ids."""
+    problems = []
+    seen: dict[str, int] = {}
+    for doc in documents:
+        if doc.id is not None:
+            if doc.id in seen:
+                problems.append(f"line {doc.line}: id {doc.id!r} already used on line {seen[doc.id]}; ids must be unique")
+            seen.setdefault(doc.id, doc.line)
+    occurrences: dict[str, int] = {}
+    for doc in documents:
+        if doc.id is not None:
+            continue
+        content = sha256_json([doc.text, doc.prompt, doc.completion, doc.messages])[:16]
+        occurrences[content] = occurrences.get(content, 0) + 1
+        n = occurrences[content]
+        # Identical documents are legitimate (repeated boilerplate); number the repeats.
+        doc.id = f"h:{content}" if n == 1 else f"h:{content}#{n}"
+    return problems
