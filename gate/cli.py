@@ -18,15 +18,12 @@ from pathlib import Path
 import click
 
 import gate
-from gate.config import find_config, load_config
 from gate.errors import EXIT_INVALID_INPUT, EXIT_RUNTIME_FAILURE, CheckpointError, GateError
-from gate.plan import RunRequest, choose_base, load_suites
+from gate.plan import no_checkpoints_message, prepare_run
 from gate.progress import ProgressEvent
 from gate.scan import ScanReport, scan
-from gate.store import STORE_NAME, ResultsStore
 
 EXIT_INTERRUPTED = 130
-DEFAULT_OUT = "reports"
 DEMO_DIR = ".gate-demo"
 
 
@@ -99,7 +96,7 @@ def scan_command(directory: Path, as_json: bool, allow_pickle: bool, base: str |
     for warning in report.warnings:
         click.echo(f"warning: {warning}", err=True)
     if not report.checkpoints:
-        raise CheckpointError(_no_checkpoints_message(directory))
+        raise CheckpointError(no_checkpoints_message(directory))
     if report.invalid:
         sys.exit(EXIT_INVALID_INPUT)
 
@@ -108,7 +105,7 @@ def scan_command(directory: Path, as_json: bool, allow_pickle: bool, base: str |
 @click.argument("directory", type=click.Path(path_type=Path))
 @click.option("--config", "config_path", type=click.Path(path_type=Path), help="gate.yaml (default: DIR/gate.yaml, then ./gate.yaml).")
 @base_option
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=DEFAULT_OUT, show_default=True, help="Output folder: results.json and the results store.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default="reports", show_default=True, help="Output folder: results.json and the results store.")
 @click.option("--device", help="auto, cpu, cuda, cuda:N or mps (default: gate.yaml's, else auto).")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), help="Weights dtype (default: bfloat16 on CUDA, float32 on CPU).")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Sequences per forward pass (default 8).")
@@ -131,7 +128,7 @@ def run_command(directory: Path, config_path: Path | None, base: str | None, out
 
 @main.command("demo")
 @click.option("--dir", "demo_dir", type=click.Path(path_type=Path), default=DEMO_DIR, show_default=True, help="Where the example models are built and cached.")
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=f"{DEFAULT_OUT}/demo", show_default=True, help="Output folder.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default="reports/demo", show_default=True, help="Output folder.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress display.")
 @_handle_errors
 def demo_command(demo_dir: Path, out_dir: Path, quiet: bool) -> None:
@@ -167,25 +164,16 @@ def _run(
     quiet: bool = False,
 ):
     _set_offline(online)
-    config = load_config(find_config(str(config_path) if config_path else None, str(directory)))
-    suites = load_suites(config)
-    with ResultsStore(out_dir / STORE_NAME) as store:
-        report = scan(directory, allow_pickle=allow_pickle, base=base or config.base, hash_cache=store.hash_cache)
-    if not report.checkpoints:
-        raise CheckpointError(_no_checkpoints_message(directory))
-    if not report.valid:
-        reasons = "\n".join(f"  - {c.reason}" for c in report.invalid)
-        raise CheckpointError(f"{directory}: no valid checkpoint to score:\n{reasons}")
-    request = RunRequest(
-        scan=report,
-        suites=suites,
-        base=choose_base(base, config, report),
+    request = prepare_run(
+        directory,
+        config_path=config_path,
+        base=base,
         out_dir=out_dir,
-        device=device or config.device,
-        dtype=dtype or config.dtype,
-        batch_size=batch_size or config.batch_size,
-        max_length=max_length or config.max_length,
-        stride=stride or config.stride,
+        device=device,
+        dtype=dtype,
+        batch_size=batch_size,
+        max_length=max_length,
+        stride=stride,
         allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code,
         online=online,
@@ -208,14 +196,6 @@ def _set_offline(online: bool) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-
-def _no_checkpoints_message(directory: Path) -> str:
-    return (
-        f"{directory}: no checkpoints found; gate looks for folders holding adapter_config.json + "
-        "adapter_model.safetensors (LoRA) or config.json + model.safetensors (full weights), "
-        "such as the Trainer's checkpoint-N/ folders"
-    )
 
 
 def _print_scan(report: ScanReport) -> None:

@@ -6,9 +6,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gate.config import GateConfig
-from gate.errors import BaseModelError, SuiteError
-from gate.scan import ScanReport
+from gate.config import GateConfig, find_config, load_config
+from gate.errors import BaseModelError, CheckpointError, SuiteError
+from gate.scan import ScanReport, scan
+from gate.store import STORE_NAME, ResultsStore
 from gate.suites import Suite, load_suite
 
 
@@ -76,3 +77,58 @@ def load_suites(config: GateConfig) -> list[Suite]:
     if problems:
         raise SuiteError("\n".join(problems))
     return suites
+
+
+def prepare_run(
+    directory: str | Path,
+    *,
+    config_path: str | Path | None = None,
+    base: str | None = None,
+    out_dir: str | Path = "reports",
+    device: str | None = None,
+    dtype: str | None = None,
+    batch_size: int | None = None,
+    max_length: int | None = None,
+    stride: int | None = None,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    online: bool = False,
+    command: str = "",
+) -> RunRequest:
+    """Config + scan + suites -> RunRequest; arguments given here override gate.yaml.
+
+    Raises ConfigError, SuiteError, CheckpointError or BaseModelError before any model loads.
+    """
+    directory, out_dir = Path(directory), Path(out_dir)
+    config = load_config(find_config(str(config_path) if config_path else None, str(directory)))
+    suites = load_suites(config)
+    with ResultsStore(out_dir / STORE_NAME) as store:
+        report = scan(directory, allow_pickle=allow_pickle, base=base or config.base, hash_cache=store.hash_cache)
+    if not report.checkpoints:
+        raise CheckpointError(no_checkpoints_message(directory))
+    if not report.valid:
+        reasons = "\n".join(f"  - {c.reason}" for c in report.invalid)
+        raise CheckpointError(f"{directory}: no valid checkpoint to score:\n{reasons}")
+    return RunRequest(
+        scan=report,
+        suites=suites,
+        base=choose_base(base, config, report),
+        out_dir=out_dir,
+        device=device or config.device,
+        dtype=dtype or config.dtype,
+        batch_size=batch_size or config.batch_size,
+        max_length=max_length or config.max_length,
+        stride=stride or config.stride,
+        allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code,
+        online=online,
+        command=command,
+    )
+
+
+def no_checkpoints_message(directory: Path) -> str:
+    return (
+        f"{directory}: no checkpoints found; gate looks for folders holding adapter_config.json + "
+        "adapter_model.safetensors (LoRA) or config.json + model.safetensors (full weights), "
+        "such as the Trainer's checkpoint-N/ folders"
+    )

@@ -152,8 +152,14 @@ def scan(
 
 
 def _sort_key(c: Checkpoint) -> tuple:
-    parent = str(Path(c.name).parent)
-    return (parent, c.step if c.step is not None else float("inf"), c.name)
+    """Group a run's checkpoint-N folders with the run's own folder, then order by step."""
+    path = Path(c.name)
+    run = path.parent if CHECKPOINT_DIR.match(path.name) else path
+    return (_natural(run.as_posix()), c.step if c.step is not None else float("inf"), _natural(c.name))
+
+
+def _natural(text: str) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
 def _candidate_folders(root: Path, warnings: list[str]):

@@ -159,16 +159,19 @@ class AdapterSlot:
 
     def attach(self, ckpt: Checkpoint):
         """Load the checkpoint's adapter and make it the active one; returns the model to score."""
-        from peft import PeftModel
+        from peft import PeftConfig, PeftModel
 
         name = f"gate_{self._count}"
         self._count += 1
         try:
             if self.model is None:
-                self.model = PeftModel.from_pretrained(self.base_model, ckpt.path, adapter_name=name, is_trainable=False)
-            else:
-                self.model.load_adapter(ckpt.path, adapter_name=name, is_trainable=False)
-                self.model.set_adapter(name)
+                config = PeftConfig.from_pretrained(ckpt.path)
+                config.inference_mode = True
+                # Keep the wrapper as soon as the layers are injected: if loading the weights then
+                # fails, the injected adapter must be deleted, not left in the base for the next one.
+                self.model = PeftModel(self.base_model, config, adapter_name=name)
+            self.model.load_adapter(ckpt.path, adapter_name=name, is_trainable=False)
+            self.model.set_adapter(name)
         except Exception as err:  # noqa: BLE001 - every load failure is this checkpoint's problem
             self._forget(name)
             raise CheckpointError(f"{ckpt.name}: the adapter does not fit the base: {_load_reason(err)}") from None

@@ -81,16 +81,16 @@ def encode_suite(suite: Suite, tokenizer) -> list[EncodedDocument]:
 
 def encode_document(doc: Document, suite: Suite, tokenizer) -> EncodedDocument:
     ctx = context_token_id(tokenizer)
+    templated = doc.shape == "messages" or (doc.shape == "prompt" and suite.chat_template and tokenizer.chat_template)
     if doc.shape == "text":
         segments = [(doc.text, True)]
-    elif doc.shape == "prompt":
-        if suite.chat_template and tokenizer.chat_template:
-            prefix = tokenizer.apply_chat_template(
-                [{"role": "user", "content": doc.prompt}], tokenize=False, add_generation_prompt=True
-            )
-        else:
-            prefix = doc.prompt
+    elif doc.shape == "prompt" and templated:
+        prefix = tokenizer.apply_chat_template(
+            [{"role": "user", "content": doc.prompt}], tokenize=False, add_generation_prompt=True
+        )
         segments = [(prefix, False), (doc.completion, True)]
+    elif doc.shape == "prompt":
+        segments = [(doc.prompt, False), (doc.completion, True)]
     else:
         segments = _message_segments(doc, suite, tokenizer)
     ids, scored, nbytes = [], [], 0
@@ -102,8 +102,9 @@ def encode_document(doc: Document, suite: Suite, tokenizer) -> EncodedDocument:
         scored += [is_scored] * len(piece)
         if is_scored:
             nbytes += len(text.encode("utf-8"))
-    if not scored or scored[0]:
-        # The first token has nothing to be predicted from: give it the context token.
+    # Plain text starts after the context token, as at the start of a document in training; a
+    # chat template renders its own start. Either way the first token must not be scored.
+    if not templated or not scored or scored[0]:
         ids, scored = [ctx, *ids], [False, *scored]
     if not any(scored):
         raise SuiteError(
