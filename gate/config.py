@@ -33,6 +33,7 @@ SUITE_TYPES = ("perplexity",)
 TOP_KEYS = {"base", "suites", "device", "dtype", "batch_size", "max_length", "stride"}
 SUITE_KEYS = {"name", "type", "path", "chat_template", "max_documents"}
 DEFAULT_SUITES = ("known-good",)
+_KIND_NAMES = {str: "a string", int: "an integer", bool: "true or false"}
 
 
 @dataclass
@@ -189,7 +190,7 @@ def _typed(mapping: dict, key: str, kind: type, default, where: str, problems: l
     value = mapping[key]
     # bool is an int in Python; a YAML "yes" must not pass for a number or vice versa.
     if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-        problems.append(f"{where}{key}: must be a {kind.__name__}, not {type(value).__name__} ({value!r})")
+        problems.append(f"{where}{key}: must be {_KIND_NAMES[kind]}, not {value!r}")
         return default
     return value
 

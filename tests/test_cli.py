@@ -1,0 +1,181 @@
+"""The CLI through click's CliRunner: exit codes, exact lines, one clear message, no traceback."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from gate.cli import main
+
+
+@pytest.fixture
+def cli():
+    return CliRunner()
+
+
+def invoke(cli, *args):
+    result = cli.invoke(main, [str(a) for a in args], catch_exceptions=False)
+    assert "Traceback" not in result.output
+    return result
+
+
+def test_every_command_has_help(cli):
+    assert invoke(cli, "--help").exit_code == 0
+    for name, command in main.commands.items():
+        assert command.help, f"{name} has no help text"
+        result = invoke(cli, name, "--help")
+        assert result.exit_code == 0 and "Usage:" in result.output
+
+
+def test_scan_table(cli, world):
+    result = invoke(cli, "scan", world.checkpoints)
+    assert result.exit_code == 0
+    assert result.stdout.splitlines() == [
+        "checkpoint          kind    step  status",
+        "run-a/checkpoint-2  lora       2  ok",
+        "run-a/checkpoint-4  lora       4  ok",
+        "untrained           lora       -  ok",
+        "3 valid, 0 invalid",
+    ]
+
+
+def test_scan_json(cli, world):
+    result = invoke(cli, "scan", world.checkpoints, "--json")
+    assert result.exit_code == 0
+    rows = json.loads(result.stdout)
+    assert [r["name"] for r in rows] == ["run-a/checkpoint-2", "run-a/checkpoint-4", "untrained"]
+    for row in rows:
+        assert {"name", "path", "step", "kind", "base_model", "status", "reason"} <= set(row)
+        assert row["status"] == "ok" and row["reason"] is None and row["kind"] == "lora"
+
+
+def test_scan_with_an_invalid_checkpoint_exits_2(cli, ckpt_copy):
+    (ckpt_copy / "run-a/checkpoint-2/adapter_model.safetensors").unlink()
+    result = invoke(cli, "scan", ckpt_copy)
+    assert result.exit_code == 2
+    assert "run-a/checkpoint-2  lora       2  INVALID: " in result.stdout
+    assert "2 valid, 1 invalid" in result.stdout
+
+
+def test_scan_empty_folder_exits_2(cli, tmp_path):
+    result = invoke(cli, "scan", tmp_path)
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"error: {tmp_path}: no checkpoints found;")
+
+
+def test_scan_missing_folder_exits_2(cli, tmp_path):
+    result = invoke(cli, "scan", tmp_path / "nope")
+    assert result.exit_code == 2
+    assert "not a folder" in result.stderr
+
+
+def test_run_writes_results_and_prints_a_table(cli, world, tmp_path):
+    out = tmp_path / "out"
+    result = invoke(cli, "run", world.checkpoints, "--config", world.config, "--out", out, "--device", "cpu", "-q")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0] == "perplexity (lower is better)"
+    assert lines[1].split() == ["model", "step", "text", "prompt", "messages", "long"]
+    assert [line.split()[0] for line in lines[2:6]] == ["base", "run-a/checkpoint-2", "run-a/checkpoint-4", "untrained"]
+    assert lines[-2] == "computed 16 model x suite score(s), reused 0 from the store"
+    assert lines[-1] == f"results: {out / 'results.json'}"
+    assert (out / "results.json").is_file() and (out / "gate.sqlite").is_file()
+    again = invoke(cli, "run", world.checkpoints, "--config", world.config, "--out", out, "--device", "cpu", "-q")
+    assert again.exit_code == 0
+    assert "computed 0 model x suite score(s), reused 16 from the store" in again.stdout
+
+
+def test_run_uses_the_builtin_suite_without_a_config(cli, world, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = invoke(cli, "run", world.checkpoints, "--out", tmp_path / "out", "--device", "cpu", "-q")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[1].split() == ["model", "step", "known-good"]
+
+
+def test_run_bad_config_exits_2_naming_file_and_field(cli, world, tmp_path):
+    config = tmp_path / "gate.yaml"
+    config.write_text("suites:\n  - name: s\n    path: nowhere.jsonl\nbatch_sise: 3\n")
+    result = invoke(cli, "run", world.checkpoints, "--config", config, "--out", tmp_path / "out")
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"error: {config}: 2 problems:")
+    assert "suites[0] (s).path:" in result.stderr and "batch_sise: unknown key; did you mean 'batch_size'?" in result.stderr
+
+
+def test_run_bad_suite_exits_2(cli, world, tmp_path):
+    suite = tmp_path / "s.jsonl"
+    suite.write_text("")
+    config = tmp_path / "gate.yaml"
+    config.write_text(f"suites: [{{name: s, path: {suite}}}]\n")
+    result = invoke(cli, "run", world.checkpoints, "--config", config, "--out", tmp_path / "out")
+    assert result.exit_code == 2
+    assert f"error: {suite}: suite 's' has no documents" in result.stderr
+
+
+def test_run_without_checkpoints_exits_2(cli, world, tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = invoke(cli, "run", tmp_path / "empty", "--config", world.config, "--out", tmp_path / "out")
+    assert result.exit_code == 2
+    assert "no checkpoints found" in result.stderr
+
+
+def test_run_with_only_invalid_checkpoints_exits_2(cli, world, tmp_path):
+    folder = tmp_path / "ckpts" / "checkpoint-1"
+    folder.mkdir(parents=True)
+    shutil.copy(world.checkpoints / "untrained/adapter_config.json", folder)
+    result = invoke(cli, "run", tmp_path / "ckpts", "--config", world.config, "--out", tmp_path / "out")
+    assert result.exit_code == 2
+    assert "no valid checkpoint to score" in result.stderr and "checkpoint-1" in result.stderr
+
+
+def test_run_keeps_results_when_one_checkpoint_is_invalid(cli, world, ckpt_copy, tmp_path):
+    (ckpt_copy / "run-a/checkpoint-2/adapter_model.safetensors").write_bytes(b"\0" * 10)
+    out = tmp_path / "out"
+    result = invoke(cli, "run", ckpt_copy, "--config", world.config, "--out", out, "--device", "cpu", "-q")
+    assert result.exit_code == 2
+    assert "run-a/checkpoint-2       2  INVALID:" in result.stdout
+    assert "error: " in result.stderr and "corrupt safetensors" in result.stderr
+    results = json.loads((out / "results.json").read_text())
+    statuses = {c["name"]: c["status"] for c in results["checkpoints"]}
+    assert statuses == {"run-a/checkpoint-2": "invalid", "run-a/checkpoint-4": "ok", "untrained": "ok"}
+
+
+def test_run_unknown_base_exits_2(cli, world, tmp_path):
+    result = invoke(cli, "run", world.checkpoints, "--base", "nobody/no-model", "--out", tmp_path / "out")
+    assert result.exit_code == 2
+    assert "error: base 'nobody/no-model': not a local folder and not in the Hugging Face cache" in result.stderr
+    assert "--online" in result.stderr
+
+
+def test_run_max_length_beyond_context_exits_2(cli, world, tmp_path):
+    result = invoke(cli, "run", world.checkpoints, "--config", world.config, "--max-length", 4096, "--out", tmp_path / "out")
+    assert result.exit_code == 2
+    assert "max_length 4096 exceeds the model's context of 128 tokens" in result.stderr
+
+
+def test_run_runtime_failure_exits_3(cli, world, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    broken = tmp_path / "nan-base"
+    model = AutoModelForCausalLM.from_pretrained(world.base)
+    with torch.no_grad():
+        model.lm_head.weight.fill_(float("nan"))
+    model.save_pretrained(broken)
+    for f in world.base.iterdir():
+        if "token" in f.name or "chat_template" in f.name:
+            shutil.copy(f, broken)
+    result = invoke(cli, "run", world.checkpoints, "--config", world.config, "--base", broken, "--out", tmp_path / "out", "-q")
+    assert result.exit_code == 3, result.output
+    assert "non-finite log-likelihood" in result.stderr
+
+
+def test_demo_runs_on_the_tiny_example(cli, tmp_path):
+    demo = tmp_path / "demo"
+    result = invoke(cli, "demo", "--dir", demo, "--out", tmp_path / "out", "-q")
+    assert result.exit_code == 0, result.output
+    assert "demo done: the base and 6 checkpoints scored" in result.stdout
+    again = invoke(cli, "demo", "--dir", demo, "--out", tmp_path / "out", "-q")
+    assert "computed 0 model x suite score(s), reused 14 from the store" in again.stdout

@@ -1,0 +1,98 @@
+"""gate.yaml: typed config, and every problem reported at once with file and field."""
+
+from __future__ import annotations
+
+import pytest
+
+from gate.config import find_config, load_config
+from gate.errors import ConfigError
+
+
+def write(tmp_path, text):
+    path = tmp_path / "gate.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_full_config(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "style.jsonl").write_text('{"text": "x"}\n')
+    config = load_config(
+        write(
+            tmp_path,
+            "base: org/model\nsuites:\n  - name: known-good\n  - name: style\n    path: data/style.jsonl\n"
+            "    chat_template: false\n    max_documents: 5\ndevice: cpu\ndtype: float32\nbatch_size: 2\n"
+            "max_length: 64\nstride: 16\n",
+        )
+    )
+    assert config.base == "org/model" and config.device == "cpu" and config.batch_size == 2
+    assert (config.max_length, config.stride, config.dtype) == (64, 16, "float32")
+    known, style = config.suites
+    assert known.path.endswith("known-good.jsonl")
+    assert style.path == str((tmp_path / "data" / "style.jsonl").resolve())
+    assert style.chat_template is False and style.max_documents == 5
+
+
+def test_defaults_without_a_file():
+    config = load_config(None)
+    assert [s.name for s in config.suites] == ["known-good"]
+    assert config.base is None and config.batch_size == 8
+
+
+def test_all_problems_at_once(tmp_path):
+    path = write(
+        tmp_path,
+        "bsae: x\nbatch_size: 0\ndtype: float64\nmax_length: yes\nsuites:\n"
+        "  - name: a\n    path: missing.jsonl\n    chat_templte: true\n"
+        "  - name: a\n    type: mmlu\n  - path: x.jsonl\n",
+    )
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: ")
+    expected = [
+        "bsae: unknown key; did you mean 'base'?",
+        "batch_size: must be a positive integer, not 0",
+        "dtype: 'float64' is not one of auto, float32, bfloat16, float16",
+        "max_length: must be an integer, not True",
+        "suites[0] (a).path:",
+        "missing.jsonl does not exist",
+        "suites[0].chat_templte: unknown key; did you mean 'chat_template'?",
+        "suites[1] (a).name: 'a' is used twice",
+        "suites[1] (a).type: 'mmlu' is not one of perplexity",
+        "suites[1] (a).path: missing, and there is no built-in suite 'a'",
+        "suites[2].name: missing",
+    ]
+    for fragment in expected:
+        assert fragment in message, fragment
+    assert len(err.value.problems) == 10
+
+
+@pytest.mark.parametrize(
+    "text,fragment",
+    [
+        ("suites: [\n", "not valid YAML"),
+        ("- a\n- b\n", "must be a mapping"),
+        ("suites: []\n", "suites: must be a non-empty list"),
+    ],
+)
+def test_malformed_files(tmp_path, text, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        load_config(write(tmp_path, text))
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_find_config_order(tmp_path, monkeypatch):
+    checkpoints = tmp_path / "ckpts"
+    checkpoints.mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert find_config(None, str(checkpoints)) is None
+    write(tmp_path, "suites: [{name: known-good}]\n")
+    assert find_config(None, str(checkpoints)) == tmp_path.joinpath("gate.yaml").relative_to(tmp_path)
+    (checkpoints / "gate.yaml").write_text("")
+    assert find_config(None, str(checkpoints)) == checkpoints / "gate.yaml"
+    assert str(find_config("x.yaml", str(checkpoints))) == "x.yaml"
