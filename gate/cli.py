@@ -122,7 +122,7 @@ def run_command(directory: Path, config_path: Path | None, base: str | None, out
     Only what the results store lacks is computed: re-runs are incremental, and an interrupted
     run continues where it stopped.
     """
-    outcome = _run(directory, config_path, base, out_dir, **options)
+    outcome = _run(directory, config_path=config_path, base=base, out_dir=out_dir, **options)
     sys.exit(outcome.exit_code)
 
 
@@ -142,43 +142,15 @@ def demo_command(demo_dir: Path, out_dir: Path, quiet: bool) -> None:
     if not quiet:
         click.echo(f"example models in {demo_dir} (built on first use, then cached)", err=True)
     example = build_example(demo_dir)
-    outcome = _run(example.checkpoints, example.config, None, out_dir, quiet=quiet)
+    outcome = _run(example.checkpoints, config_path=example.config, out_dir=out_dir, quiet=quiet)
     click.echo(f"\ndemo done: the base and {len(outcome.results.checkpoints)} checkpoints scored; see {outcome.results_path}")
     sys.exit(outcome.exit_code)
 
 
-def _run(
-    directory: Path,
-    config_path: Path | None,
-    base: str | None,
-    out_dir: Path,
-    *,
-    device: str | None = None,
-    dtype: str | None = None,
-    batch_size: int | None = None,
-    max_length: int | None = None,
-    stride: int | None = None,
-    allow_pickle: bool = False,
-    trust_remote_code: bool = False,
-    online: bool = False,
-    quiet: bool = False,
-):
-    _set_offline(online)
-    request = prepare_run(
-        directory,
-        config_path=config_path,
-        base=base,
-        out_dir=out_dir,
-        device=device,
-        dtype=dtype,
-        batch_size=batch_size,
-        max_length=max_length,
-        stride=stride,
-        allow_pickle=allow_pickle,
-        trust_remote_code=trust_remote_code,
-        online=online,
-        command=shlex.join(["gate", *sys.argv[1:]]),
-    )
+def _run(directory: Path, *, quiet: bool = False, **options):
+    """prepare_run (no torch) -> runner.run -> the summary table. Options are prepare_run's."""
+    _set_offline(options.get("online", False))
+    request = prepare_run(directory, command=shlex.join(["gate", *sys.argv[1:]]), **options)
     from gate.runner import run  # torch is imported here, and only here
 
     renderer = _ProgressRenderer(enabled=not quiet)

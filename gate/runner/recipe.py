@@ -8,6 +8,7 @@ and a new checkpoint costs one checkpoint. Each pair is stored as soon as it is 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,10 +43,10 @@ class ModelPlan:
 class RunOutcome:
     """What a run did: the results, where they are, and exactly what was computed."""
 
-    results: Results
-    """The results.json document."""
     results_path: Path
-    """Where it was written."""
+    """Where results.json is written."""
+    results: Results | None = None
+    """The results.json document (set once the run has assembled it)."""
     computed: list[tuple[str, str]] = field(default_factory=list)
     """(model, suite) pairs scored in this run."""
     reused: list[tuple[str, str]] = field(default_factory=list)
@@ -63,7 +64,6 @@ class RunOutcome:
 def run(request: RunRequest, progress: ProgressFn = no_progress) -> RunOutcome:
     """Score the base and every valid checkpoint on every suite; write results.json."""
     models.check_versions()
-    started = time.perf_counter()
     store = ResultsStore(request.out_dir / STORE_NAME)
     with store:
         # 1. Identify the base, the settings and every (model, suite) score by content hashes.
@@ -88,7 +88,7 @@ def run(request: RunRequest, progress: ProgressFn = no_progress) -> RunOutcome:
             tokenizer_hash=tokenizer_hash,
         )
         plans = _plan(request, base_hash, tokenizer_hash, settings, store)
-        outcome = RunOutcome(results=None, results_path=request.out_dir / RESULTS_NAME)  # type: ignore[arg-type]
+        outcome = RunOutcome(results_path=request.out_dir / RESULTS_NAME)
         for plan in plans[1:]:
             if plan.result.status == "invalid":
                 outcome.problems.append((plan.result.reason or plan.result.name, EXIT_INVALID_INPUT))
@@ -103,7 +103,8 @@ def run(request: RunRequest, progress: ProgressFn = no_progress) -> RunOutcome:
             # 2. Tokenize each suite once, before any model loads: bad data fails fast and cheap.
             progress(ProgressEvent("stage", message="tokenizing suites"))
             encoded = {suite.name: encode_suite(suite, tokenizer) for suite in request.suites}
-            scorer = _Scorer(request, store, settings, device, max_length, stride, progress, outcome)
+            vocab_size = base_config.get("vocab_size") or len(tokenizer)
+            scorer = _Scorer(request, store, settings, device, max_length, stride, vocab_size, progress, outcome)
 
             # 3. The base, loaded once; scored with no adapter attached.
             adapters = [p for p in plans[1:] if p.checkpoint.kind == "lora" and _needs_work(p, todo)]
@@ -113,17 +114,22 @@ def run(request: RunRequest, progress: ProgressFn = no_progress) -> RunOutcome:
                 outcome.base_loads += 1
                 scorer.score_model(base_model, plans[0], encoded, tokenizer, todo)
                 # 4. Each adapter in turn on the same base: attach, score, detach.
-                _score_adapters(base_model, adapters, base_config, tokenizer, scorer, encoded, todo)
+                _score_adapters(base_model, adapters, tokenizer, scorer, encoded, todo)
                 del base_model
                 models.free_memory()
 
             # 5. Full-weight checkpoints stand alone, each loaded by itself after the base is freed.
             full = [p for p in plans[1:] if p.checkpoint.kind == "full" and _needs_work(p, todo)]
             for plan in full:
-                scorer.score_full(plan, encoded, tokenizer, dtype, todo)
+                folder = Path(plan.checkpoint.path)
+                load_full = functools.partial(
+                    models.load_model, folder, device, dtype, request.trust_remote_code, CheckpointError
+                )
+                scorer.progress(ProgressEvent("stage", message=f"loading full checkpoint {plan.result.name}"))
+                scorer.load_and_score(plan, load_full, models.free_memory, encoded, tokenizer, todo)
 
         # 6. Assemble results.json from the store: the single source of truth.
-        results = _assemble(request, plans, settings, store, started)
+        results = _assemble(request, plans, settings, store)
     outcome.results = results
     computed = set(outcome.computed)
     outcome.reused = sorted((p.result.name, s) for p in plans for s in p.identities if (p.result.name, s) not in computed)
@@ -131,23 +137,11 @@ def run(request: RunRequest, progress: ProgressFn = no_progress) -> RunOutcome:
     return outcome
 
 
-def _score_adapters(base_model, adapters, base_config, tokenizer, scorer: _Scorer, encoded, todo) -> None:
+def _score_adapters(base_model, adapters, tokenizer, scorer: _Scorer, encoded, todo) -> None:
     slot = models.AdapterSlot(base_model)
-    vocab_size = base_config.get("vocab_size") or len(tokenizer)
     for plan in adapters:
-        try:
-            problem = models.tokenizer_problem(plan.checkpoint, tokenizer, vocab_size, scorer.request.trust_remote_code)
-            if problem:
-                raise CheckpointError(problem)
-            scorer.progress(ProgressEvent("stage", message=f"attaching adapter {plan.result.name}"))
-            peft_model = slot.attach(plan.checkpoint)
-        except GateError as err:
-            _fail(plan, err, scorer.outcome)
-            continue
-        try:
-            scorer.score_model(peft_model, plan, encoded, tokenizer, todo)
-        finally:
-            slot.detach()
+        scorer.progress(ProgressEvent("stage", message=f"attaching adapter {plan.result.name}"))
+        scorer.load_and_score(plan, lambda: slot.attach(plan.checkpoint), slot.detach, encoded, tokenizer, todo)
 
 
 def _plan(
@@ -217,6 +211,7 @@ class _Scorer:
     device: object
     max_length: int
     stride: int
+    vocab_size: int
     progress: ProgressFn
     outcome: RunOutcome
 
@@ -258,30 +253,24 @@ class _Scorer:
             self.outcome.computed.append((name, suite.name))
             self.progress(ProgressEvent("done", model=name, suite=suite.name, done=len(docs), total=len(docs)))
 
-    def score_full(self, plan: ModelPlan, encoded, tokenizer, dtype, todo) -> None:
-        folder = Path(plan.checkpoint.path)
+    def load_and_score(self, plan: ModelPlan, load, release, encoded, tokenizer, todo) -> None:
+        """Check the tokenizer, load (an adapter or a full model), score, release; failures stay with the plan."""
         try:
-            if plan.checkpoint.has_tokenizer:
-                problem = models.tokenizer_problem(
-                    plan.checkpoint, tokenizer, len(tokenizer), self.request.trust_remote_code
-                )
-                if problem:
-                    raise CheckpointError(problem)
-            self.progress(ProgressEvent("stage", message=f"loading full checkpoint {plan.result.name}"))
-            model = models.load_model(folder, self.device, dtype, self.request.trust_remote_code, CheckpointError)
+            problem = models.tokenizer_problem(plan.checkpoint, tokenizer, self.vocab_size, self.request.trust_remote_code)
+            if problem:
+                raise CheckpointError(problem)
+            model = load()
         except GateError as err:
             _fail(plan, err, self.outcome)
             return
         try:
             self.score_model(model, plan, encoded, tokenizer, todo)
         finally:
-            del model
-            models.free_memory()
+            model = None  # drop our reference before release() frees the memory
+            release()
 
 
-def _assemble(
-    request: RunRequest, plans: list[ModelPlan], settings: RunSettings, store: ResultsStore, started: float
-) -> Results:
+def _assemble(request: RunRequest, plans: list[ModelPlan], settings: RunSettings, store: ResultsStore) -> Results:
     for plan in plans:
         if plan.result.status != "ok":
             continue
