@@ -2,12 +2,19 @@
 
     base: HuggingFaceTB/SmolLM2-135M     # optional: a local folder or a hub id
     suites:
-      - name: known-good                 # no path: a built-in suite of that name
+      - name: known-good                 # name only: a built-in suite (suites/builtin.yaml)
       - name: style
         type: perplexity                 # the default
         path: data/style.jsonl           # relative to this file
         chat_template: true              # prompt/completion through the chat template
-        max_documents: 500               # optional cap
+        limit: 500                       # optional: the first N documents
+      - name: arith
+        type: lm_eval
+        task: tasks/arith.yaml           # a registered lm-eval task, a task YAML or a folder
+        num_fewshot: 0                   # default: the task's own
+        limit: null
+        metric: acc                      # default: the task's first metric
+    funnel: {top_k: 3, by: known-good.perplexity}   # lm_eval suites only on the 3 best
     device: auto                         # auto | cpu | cuda | cuda:N | mps
     dtype: auto                          # auto | float32 | bfloat16 | float16
     batch_size: 8
@@ -24,14 +31,16 @@ from pathlib import Path
 import yaml
 
 from gate.errors import ConfigError
-from gate.suites import builtin_suite_names, builtin_suite_path
+from gate.suites import builtin_entries, builtin_suites_dir
 
 CONFIG_NAME = "gate.yaml"
 DEVICES_HELP = "auto, cpu, cuda, cuda:N or mps"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-SUITE_TYPES = ("perplexity",)
-TOP_KEYS = {"base", "suites", "device", "dtype", "batch_size", "max_length", "stride"}
-SUITE_KEYS = {"name", "type", "path", "chat_template", "max_documents"}
+SUITE_TYPES = ("perplexity", "lm_eval")
+TOP_KEYS = {"base", "suites", "device", "dtype", "batch_size", "max_length", "stride", "funnel"}
+SUITE_KEYS = {"name", "type", "path", "task", "num_fewshot", "limit", "metric", "chat_template"}
+ONLY_FOR = {"path": "perplexity", "task": "lm_eval", "num_fewshot": "lm_eval"}
+PERPLEXITY_METRICS = ("perplexity", "bits_per_byte")
 DEFAULT_SUITES = ("known-good",)
 _KIND_NAMES = {str: "a string", int: "an integer", bool: "true or false"}
 
@@ -43,13 +52,35 @@ class SuiteSpec:
     name: str
     """Unique name; results and policy refer to the suite by it."""
     type: str = "perplexity"
-    """Suite type; ``perplexity`` (JSONL documents)."""
+    """``perplexity`` (JSONL documents scored by gate) or ``lm_eval`` (an lm-evaluation-harness task)."""
     path: str = ""
-    """Absolute path of the data file (resolved against gate.yaml's folder, or a built-in suite)."""
-    chat_template: bool = True
-    """Score prompt/completion documents through the tokenizer's chat template."""
-    max_documents: int | None = None
-    """Use only the first N documents (quick runs)."""
+    """perplexity: absolute path of the JSONL file (resolved against gate.yaml's folder)."""
+    task: str = ""
+    """lm_eval: a registered task name, or the absolute path of a task YAML or a folder of them."""
+    num_fewshot: int | None = None
+    """lm_eval: few-shot examples per prompt; None keeps the task's own setting."""
+    limit: int | None = None
+    """Score only the first N documents (quick runs; results are marked partial)."""
+    metric: str | None = None
+    """Headline metric: perplexity|bits_per_byte, or an lm-eval metric (default: the task's first)."""
+    chat_template: bool | None = None
+    """Apply the tokenizer's chat template (default: on for perplexity prompts, off for lm_eval)."""
+
+    @property
+    def use_chat_template(self) -> bool:
+        return self.chat_template if self.chat_template is not None else self.type == "perplexity"
+
+
+@dataclass
+class Funnel:
+    """Run the lm_eval suites only on the best checkpoints by a perplexity suite (lower is better)."""
+
+    top_k: int
+    """How many checkpoints (besides the base) get the lm_eval suites."""
+    suite: str
+    """The perplexity suite that ranks them."""
+    metric: str
+    """``perplexity`` or ``bits_per_byte``."""
 
 
 @dataclass
@@ -72,6 +103,16 @@ class GateConfig:
     """Tokens per scored window; None uses the model's context size."""
     stride: int | None = None
     """Sliding-window step for documents longer than max_length; None uses max_length // 2."""
+    funnel: Funnel | None = None
+    """Cheap checks on every checkpoint, lm_eval suites on the top k only."""
+
+    @property
+    def perplexity_suites(self) -> list[SuiteSpec]:
+        return [s for s in self.suites if s.type == "perplexity"]
+
+    @property
+    def lm_eval_suites(self) -> list[SuiteSpec]:
+        return [s for s in self.suites if s.type == "lm_eval"]
 
 
 def find_config(explicit: str | None, checkpoints_dir: str | None) -> Path | None:
@@ -114,6 +155,7 @@ def load_config(path: str | Path | None) -> GateConfig:
     config.max_length = _positive_int(raw, "max_length", None, "", problems)
     config.stride = _positive_int(raw, "stride", None, "", problems)
     config.suites = _suites(raw.get("suites"), path.parent.resolve(), problems)
+    config.funnel = _funnel(raw.get("funnel"), config.suites, problems)
     if problems:
         raise ConfigError(str(path), problems)
     return config
@@ -123,57 +165,113 @@ def _suites(value: object, folder: Path, problems: list[str]) -> list[SuiteSpec]
     if value is None:
         return [_builtin_spec(n) for n in DEFAULT_SUITES]
     if not isinstance(value, list) or not value:
-        problems.append("suites: must be a non-empty list of {name, type, path} entries")
+        problems.append("suites: must be a non-empty list of {name, type, path|task} entries")
         return []
     specs = []
     seen = set()
     for i, entry in enumerate(value):
-        where = f"suites[{i}]"
         if not isinstance(entry, dict):
-            problems.append(f"{where}: must be a mapping with at least a name")
+            problems.append(f"suites[{i}]: must be a mapping with at least a name")
             continue
-        _unknown_keys(entry, SUITE_KEYS, f"{where}.", problems)
-        name = _typed(entry, "name", str, None, f"{where}.", problems)
-        if not name:
-            problems.append(f"{where}.name: missing; give each suite a unique name")
-            continue
-        where = f"suites[{i}] ({name})"
-        if name in seen:
-            problems.append(f"{where}.name: {name!r} is used twice; suite names must be unique")
+        name = entry.get("name")
+        if isinstance(name, str) and name in seen:
+            problems.append(f"suites[{i}] ({name}).name: {name!r} is used twice; suite names must be unique")
         seen.add(name)
-        kind = _typed(entry, "type", str, "perplexity", f"{where}.", problems)
-        if kind not in SUITE_TYPES:
-            problems.append(f"{where}.type: {kind!r} is not one of {', '.join(SUITE_TYPES)}")
-        spec = SuiteSpec(
-            name=name,
-            type=kind,
-            chat_template=_typed(entry, "chat_template", bool, True, f"{where}.", problems),
-            max_documents=_positive_int(entry, "max_documents", None, f"{where}.", problems),
-        )
-        path = _typed(entry, "path", str, None, f"{where}.", problems)
-        if path is None:
-            builtin = builtin_suite_path(name)
-            if builtin is None:
-                problems.append(
-                    f"{where}.path: missing, and there is no built-in suite {name!r} "
-                    f"(built-in: {', '.join(builtin_suite_names())}); give the path of a JSONL file"
-                )
-                continue
-            spec.path = str(builtin)
-        else:
-            resolved = (folder / path).resolve()
-            if not resolved.is_file():
-                problems.append(f"{where}.path: {resolved} does not exist; fix the path (relative to gate.yaml)")
-            spec.path = str(resolved)
-        specs.append(spec)
+        spec = _suite(entry, i, folder, problems)
+        if spec is not None:
+            specs.append(spec)
     return specs
 
 
+def _suite(entry: dict, i: int, folder: Path, problems: list[str]) -> SuiteSpec | None:
+    _unknown_keys(entry, SUITE_KEYS, f"suites[{i}].", problems)
+    name = _typed(entry, "name", str, None, f"suites[{i}].", problems)
+    if not name:
+        problems.append(f"suites[{i}].name: missing; give each suite a unique name")
+        return None
+    where = f"suites[{i}] ({name})."
+    builtin = builtin_entries().get(name)
+    if "path" not in entry and "task" not in entry and builtin is not None:
+        # A built-in suite by name; the entry may still override num_fewshot, limit, metric...
+        entry, folder = {**builtin, **entry}, builtin_suites_dir()
+    kind = _typed(entry, "type", str, "perplexity", where, problems)
+    if kind not in SUITE_TYPES:
+        problems.append(f"{where}type: {kind!r} is not one of {', '.join(SUITE_TYPES)}")
+        return None
+    for key, only in ONLY_FOR.items():
+        if key in entry and only != kind:
+            problems.append(f"{where}{key}: only for type {only} suites")
+    spec = SuiteSpec(
+        name=name,
+        type=kind,
+        num_fewshot=_typed(entry, "num_fewshot", int, None, where, problems),
+        limit=_positive_int(entry, "limit", None, where, problems),
+        metric=_typed(entry, "metric", str, None, where, problems),
+        chat_template=_typed(entry, "chat_template", bool, None, where, problems),
+    )
+    if spec.num_fewshot is not None and spec.num_fewshot < 0:
+        problems.append(f"{where}num_fewshot: must be 0 or more, not {spec.num_fewshot}")
+    if kind == "perplexity":
+        if spec.metric is not None and spec.metric not in PERPLEXITY_METRICS:
+            problems.append(f"{where}metric: {spec.metric!r} is not one of {', '.join(PERPLEXITY_METRICS)}")
+        spec.path = _file(entry, "path", name, where, folder, problems, "the path of a JSONL file")
+    else:
+        spec.task = _task(entry, where, folder, problems)
+    return spec
+
+
+def _file(entry: dict, key: str, name: str, where: str, folder: Path, problems: list[str], what: str) -> str:
+    value = _typed(entry, key, str, None, where, problems)
+    if value is None:
+        known = ", ".join(sorted(builtin_entries()))
+        problems.append(f"{where}{key}: missing, and there is no built-in suite {name!r} (built-in: {known}); give {what}")
+        return ""
+    resolved = (folder / value).resolve()
+    if not resolved.is_file():
+        problems.append(f"{where}{key}: {resolved} does not exist; fix the path (relative to gate.yaml)")
+    return str(resolved)
+
+
+def _task(entry: dict, where: str, folder: Path, problems: list[str]) -> str:
+    value = _typed(entry, "task", str, None, where, problems)
+    if value is None:
+        problems.append(f"{where}task: missing; name a registered lm-eval task, or a task YAML or folder")
+        return ""
+    candidate = (folder / value).resolve()
+    if candidate.exists():
+        return str(candidate)
+    if value.endswith((".yaml", ".yml")) or "/" in value or value.startswith("."):
+        problems.append(f"{where}task: {candidate} does not exist; fix the path (relative to gate.yaml)")
+    return value  # a registered task name; lm-eval checks it when the run starts
+
+
+def _funnel(value: object, suites: list[SuiteSpec], problems: list[str]) -> Funnel | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        problems.append("funnel: must be a mapping {top_k: N, by: suite.metric}")
+        return None
+    _unknown_keys(value, {"top_k", "by"}, "funnel.", problems)
+    top_k = _positive_int(value, "top_k", None, "funnel.", problems)
+    by = _typed(value, "by", str, None, "funnel.", problems)
+    if top_k is None or by is None:
+        problems.append("funnel: needs top_k (a positive integer) and by (suite.metric, e.g. known-good.perplexity)")
+        return None
+    suite, _, metric = by.rpartition(".")
+    kinds = {s.name: s.type for s in suites}
+    if kinds.get(suite) != "perplexity" or metric not in PERPLEXITY_METRICS:
+        ranked = ", ".join(f"{s.name}.perplexity" for s in suites if s.type == "perplexity") or "none configured"
+        problems.append(f"funnel.by: {by!r} must name a perplexity suite and perplexity|bits_per_byte (choices: {ranked})")
+        return None
+    return Funnel(top_k=top_k, suite=suite, metric=metric)
+
+
 def _builtin_spec(name: str) -> SuiteSpec:
-    path = builtin_suite_path(name)
-    if path is None:  # a broken install, not a user error
+    problems: list[str] = []
+    spec = _suite({"name": name}, 0, builtin_suites_dir(), problems)
+    if problems or spec is None:  # a broken install, not a user error
         raise ConfigError(None, [f"built-in suite {name!r} is missing from this installation; reinstall gate"])
-    return SuiteSpec(name=name, path=str(path))
+    return spec
 
 
 def _unknown_keys(mapping: dict, allowed: set[str], where: str, problems: list[str]) -> None:

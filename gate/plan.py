@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gate.config import GateConfig, find_config, load_config
+from gate.config import Funnel, GateConfig, SuiteSpec, find_config, load_config
 from gate.errors import BaseModelError, CheckpointError, SuiteError
 from gate.scan import ScanReport, scan
 from gate.store import STORE_NAME, ResultsStore
@@ -20,10 +21,14 @@ class RunRequest:
     scan: ScanReport
     """The checkpoints found (valid ones are scored, invalid ones are reported)."""
     suites: list[Suite]
-    """Loaded, validated suites."""
-    base: str
+    """Loaded, validated perplexity suites."""
+    task_specs: list[SuiteSpec] = field(default_factory=list)
+    """lm_eval suites (their tasks are loaded by the runner, which owns lm-eval)."""
+    funnel: Funnel | None = None
+    """Run the lm_eval suites only on the top k checkpoints by a perplexity suite."""
+    base: str = ""
     """Base model: a local folder or a hub id."""
-    out_dir: Path
+    out_dir: Path = Path("reports")
     """Output folder: results.json and the results store live here."""
     device: str = "auto"
     """auto, cpu, cuda, cuda:N or mps."""
@@ -65,12 +70,12 @@ def choose_base(flag: str | None, config: GateConfig, scan: ScanReport) -> str:
 
 
 def load_suites(config: GateConfig) -> list[Suite]:
-    """Load every suite of the config; report all broken suites at once."""
+    """Load every perplexity suite of the config; report all broken suites at once."""
     suites, problems = [], []
-    for spec in config.suites:
+    for spec in config.perplexity_suites:
         try:
             suites.append(
-                load_suite(spec.name, spec.path, chat_template=spec.chat_template, max_documents=spec.max_documents)
+                load_suite(spec.name, spec.path, chat_template=spec.use_chat_template, limit=spec.limit)
             )
         except SuiteError as err:
             problems.append(str(err))
@@ -90,6 +95,7 @@ def prepare_run(
     batch_size: int | None = None,
     max_length: int | None = None,
     stride: int | None = None,
+    limit: int | None = None,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     online: bool = False,
@@ -97,10 +103,14 @@ def prepare_run(
 ) -> RunRequest:
     """Config + scan + suites -> RunRequest; arguments given here override gate.yaml.
 
+    ``limit`` caps every suite at its first N documents (a quick, partial run).
+
     Raises ConfigError, SuiteError, CheckpointError or BaseModelError before any model loads.
     """
     directory, out_dir = Path(directory), Path(out_dir)
     config = load_config(find_config(str(config_path) if config_path else None, str(directory)))
+    if limit is not None:
+        config.suites = [dataclasses.replace(spec, limit=limit) for spec in config.suites]
     suites = load_suites(config)
     with ResultsStore(out_dir / STORE_NAME) as store:
         report = scan(directory, allow_pickle=allow_pickle, base=base or config.base, hash_cache=store.hash_cache)
@@ -112,6 +122,8 @@ def prepare_run(
     return RunRequest(
         scan=report,
         suites=suites,
+        task_specs=config.lm_eval_suites,
+        funnel=config.funnel,
         base=choose_base(base, config, report),
         out_dir=out_dir,
         device=device or config.device,

@@ -91,6 +91,51 @@ class SuiteScore:
 
 
 @dataclass
+class ItemScore:
+    """One lm-eval document: its per-item metric values, paired with the base's by id."""
+
+    id: str
+    """lm-eval's doc_id within the task (``subtask/doc_id`` for groups): stable across runs."""
+    prompt_hash: str
+    """lm-eval's hash of the prompt; base and checkpoint must agree before items are paired."""
+    values: dict[str, float]
+    """Metric -> value (acc, acc_norm, exact_match...); rolling tasks: loglikelihood, words, bytes."""
+
+
+@dataclass
+class TaskScore:
+    """One model on one lm-eval suite."""
+
+    suite: str
+    """Suite name."""
+    task: str
+    """The lm-eval task (registered name, or the YAML/folder path)."""
+    metric: str
+    """Headline metric (gate.yaml's ``metric``, else the task's first)."""
+    metrics: dict[str, float]
+    """Aggregate metrics as lm-eval computes them (``metric`` or ``metric,filter``)."""
+    items: list[ItemScore] = field(default_factory=list)
+    """Per-document records, ordered by id."""
+    num_fewshot: int | None = None
+    """Few-shot examples per prompt."""
+    limit: int | None = None
+    """Documents per task were capped at this (a partial, quick run); None: all."""
+    versions: dict = field(default_factory=dict)
+    """Task versions."""
+
+    @property
+    def value(self) -> float:
+        return self.metrics[self.metric]
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, obj: dict) -> TaskScore:
+        return cls(**{**obj, "items": [ItemScore(**i) for i in obj.get("items", [])]})
+
+
+@dataclass
 class ModelResult:
     """The base or one checkpoint, with its scores per suite."""
 
@@ -115,17 +160,26 @@ class ModelResult:
     lora: dict | None = None
     """LoRA settings: r, alpha, target_modules."""
     scores: dict[str, SuiteScore] = field(default_factory=dict)
-    """Suite name -> score."""
+    """Perplexity suite name -> score."""
+    tasks: dict[str, TaskScore] = field(default_factory=dict)
+    """lm-eval suite name -> score."""
+    skipped: dict[str, str] = field(default_factory=dict)
+    """Suite name -> why it was not run on this model (e.g. the funnel); skipped is not missing."""
 
     def to_json(self) -> dict:
-        out = {k: v for k, v in asdict(self).items() if k != "scores"}
+        out = {k: v for k, v in asdict(self).items() if k not in ("scores", "tasks")}
         out["scores"] = {name: s.to_json() for name, s in self.scores.items()}
+        out["tasks"] = {name: t.to_json() for name, t in self.tasks.items()}
         return out
 
     @classmethod
     def from_json(cls, obj: dict) -> ModelResult:
-        fields = {k: v for k, v in obj.items() if k != "scores"}
-        return cls(**fields, scores={k: SuiteScore.from_json(v) for k, v in obj.get("scores", {}).items()})
+        fields = {k: v for k, v in obj.items() if k not in ("scores", "tasks")}
+        return cls(
+            **fields,
+            scores={k: SuiteScore.from_json(v) for k, v in obj.get("scores", {}).items()},
+            tasks={k: TaskScore.from_json(v) for k, v in obj.get("tasks", {}).items()},
+        )
 
 
 @dataclass
@@ -135,17 +189,25 @@ class SuiteInfo:
     name: str
     """Suite name."""
     type: str
-    """``perplexity``."""
+    """``perplexity`` or ``lm_eval``."""
     path: str
-    """Data file."""
+    """perplexity: the data file; lm_eval: the task (registered name, YAML or folder)."""
     data_hash: str
-    """sha256 of the data file."""
+    """sha256 of the data (the file; for lm_eval the evaluation and few-shot documents)."""
     identity: str
     """Hash of data plus the options that change the numbers."""
     documents: int
     """Number of documents scored."""
     chat_template: bool
-    """Whether the chat template was applied to prompt/completion documents."""
+    """Whether the chat template was applied."""
+    metric: str | None = None
+    """Headline metric named in gate.yaml (None: the suite type's default)."""
+    limit: int | None = None
+    """Documents were capped at this (partial results); None: all."""
+    num_fewshot: int | None = None
+    """lm_eval: few-shot examples per prompt (None: the task's default)."""
+    versions: dict = field(default_factory=dict)
+    """lm_eval: task versions."""
 
 
 @dataclass
@@ -166,6 +228,10 @@ class RunSettings:
     """Version tag of gate's scoring procedure."""
     tokenizer_hash: str
     """sha256 of the base tokenizer's files."""
+    lm_eval: str | None = None
+    """lm-eval version, when lm_eval suites ran."""
+    seeds: dict = field(default_factory=dict)
+    """lm-eval seeds (python, numpy, torch, few-shot sampling)."""
 
 
 @dataclass
@@ -193,8 +259,14 @@ class Results:
     warnings: list[str] = field(default_factory=list)
     """Non-fatal problems (scanner warnings and the like)."""
 
+    @property
+    def partial(self) -> bool:
+        """True when any suite was capped by a limit: numbers are for a quick run only."""
+        return any(s.limit is not None for s in self.suites)
+
     def to_json(self) -> dict:
         return {
+            "partial": self.partial,
             "schema_version": self.schema_version,
             "gate_version": self.gate_version,
             "created_at": self.created_at,
@@ -220,7 +292,14 @@ class Results:
             checkpoints=[ModelResult.from_json(c) for c in obj["checkpoints"]],
             suites=[SuiteInfo(**s) for s in obj["suites"]],
             warnings=obj.get("warnings", []),
-        )
+        )  # "partial" is derived from the suites
+
+
+def unpaired_items(reference: TaskScore, other: TaskScore) -> list[str]:
+    """Ids of items whose prompt differs between two scores of one suite, or that only one has."""
+    ref = {item.id: item.prompt_hash for item in reference.items}
+    oth = {item.id: item.prompt_hash for item in other.items}
+    return sorted(k for k in ref.keys() | oth.keys() if ref.get(k) != oth.get(k))
 
 
 def write_results(path: str | Path, results: Results) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from gate.errors import RunFailure
 from gate.hashing import sha256_json
-from gate.results import DocumentScore, SuiteScore
+from gate.results import DocumentScore, ItemScore, SuiteScore, TaskScore
 
 STORE_NAME = "gate.sqlite"
 STORE_SCHEMA = 1
@@ -48,6 +48,27 @@ CREATE TABLE IF NOT EXISTS document_scores (
     nll REAL NOT NULL,
     tokens INTEGER NOT NULL,
     bytes INTEGER NOT NULL,
+    PRIMARY KEY (score_key, position)
+);
+CREATE TABLE IF NOT EXISTS task_scores (
+    key TEXT PRIMARY KEY,
+    model_hash TEXT NOT NULL,
+    suite_identity TEXT NOT NULL,
+    identity_json TEXT NOT NULL,
+    suite TEXT NOT NULL,
+    score_json TEXT NOT NULL,
+    device TEXT NOT NULL,
+    batch_size INTEGER NOT NULL,
+    seconds REAL NOT NULL,
+    gate_version TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS item_scores (
+    score_key TEXT NOT NULL REFERENCES task_scores(key) ON DELETE CASCADE,
+    position INTEGER NOT NULL,
+    doc_id TEXT NOT NULL,
+    prompt_hash TEXT NOT NULL,
+    values_json TEXT NOT NULL,
     PRIMARY KEY (score_key, position)
 );
 """
@@ -139,7 +160,11 @@ class ResultsStore:
         self.close()
 
     def has(self, key: str) -> bool:
-        return self._conn.execute("SELECT 1 FROM suite_scores WHERE key=?", (key,)).fetchone() is not None
+        """Whether a score (perplexity or lm-eval) is stored under this key."""
+        for table in ("suite_scores", "task_scores"):
+            if self._conn.execute(f"SELECT 1 FROM {table} WHERE key=?", (key,)).fetchone() is not None:
+                return True
+        return False
 
     def get(self, key: str) -> SuiteScore | None:
         row = self._conn.execute("SELECT suite FROM suite_scores WHERE key=?", (key,)).fetchone()
@@ -183,8 +208,51 @@ class ResultsStore:
                 [(key, i, d.id, d.nll, d.tokens, d.bytes) for i, d in enumerate(score.documents)],
             )
 
+    def put_task(self, identity: ScoreIdentity, score: TaskScore, provenance: ScoreProvenance) -> None:
+        """Store one complete (model, lm-eval suite) score in a single transaction."""
+        key = identity.key
+        now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        header = {k: v for k, v in score.to_json().items() if k != "items"}
+        with self._transaction():
+            self._conn.execute("DELETE FROM task_scores WHERE key=?", (key,))
+            self._conn.execute(
+                "INSERT INTO task_scores VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    key,
+                    identity.model_hash,
+                    identity.suite_identity,
+                    json.dumps(identity.as_json(), sort_keys=True),
+                    score.suite,
+                    json.dumps(header),
+                    provenance.device,
+                    provenance.batch_size,
+                    provenance.seconds,
+                    provenance.gate_version,
+                    now,
+                ),
+            )
+            self._conn.executemany(
+                "INSERT INTO item_scores VALUES (?,?,?,?,?)",
+                [(key, i, it.id, it.prompt_hash, json.dumps(it.values)) for i, it in enumerate(score.items)],
+            )
+
+    def get_task(self, key: str) -> TaskScore | None:
+        row = self._conn.execute("SELECT score_json FROM task_scores WHERE key=?", (key,)).fetchone()
+        if row is None:
+            return None
+        items = [
+            ItemScore(id=doc_id, prompt_hash=prompt_hash, values=json.loads(values))
+            for doc_id, prompt_hash, values in self._conn.execute(
+                "SELECT doc_id, prompt_hash, values_json FROM item_scores WHERE score_key=? ORDER BY position", (key,)
+            )
+        ]
+        return TaskScore(**{**json.loads(row[0]), "items": items})
+
     def count(self) -> int:
-        return self._conn.execute("SELECT COUNT(*) FROM suite_scores").fetchone()[0]
+        """Number of stored (model, suite) scores of both kinds."""
+        return sum(
+            self._conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0] for table in ("suite_scores", "task_scores")
+        )
 
     @property
     def hash_cache(self) -> _FileHashCache:

@@ -80,13 +80,13 @@ def builtin_suites_dir() -> Path:
     return here.parent / "suites"
 
 
-def builtin_suite_names() -> list[str]:
-    return sorted(p.stem for p in builtin_suites_dir().glob("*.jsonl"))
+def builtin_entries() -> dict[str, dict]:
+    """Built-in suites by name (suites/builtin.yaml): gate.yaml entries, paths relative to suites/."""
+    import yaml
 
-
-def builtin_suite_path(name: str) -> Path | None:
-    path = builtin_suites_dir() / f"{name}.jsonl"
-    return path if path.is_file() else None
+    path = builtin_suites_dir() / "builtin.yaml"
+    entries = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    return {name: {"name": name, **entry} for name, entry in (entries or {}).items()}
 
 
 def load_suite(
@@ -94,7 +94,7 @@ def load_suite(
     path: str | Path,
     *,
     chat_template: bool = True,
-    max_documents: int | None = None,
+    limit: int | None = None,
 ) -> Suite:
     """Read and validate a JSONL suite. Raises SuiteError listing every bad line at once."""
     path = Path(path)
@@ -133,9 +133,9 @@ def load_suite(
             '"text", "prompt" + "completion", or "messages"'
         )
     options = {}
-    if max_documents is not None:
-        documents = documents[:max_documents]
-        options["max_documents"] = max_documents
+    if limit is not None:
+        documents = documents[:limit]
+        options["limit"] = limit
     return Suite(
         name=name,
         path=str(path.resolve()),

@@ -21,7 +21,7 @@ def test_full_config(tmp_path):
         write(
             tmp_path,
             "base: org/model\nsuites:\n  - name: known-good\n  - name: style\n    path: data/style.jsonl\n"
-            "    chat_template: false\n    max_documents: 5\ndevice: cpu\ndtype: float32\nbatch_size: 2\n"
+            "    chat_template: false\n    limit: 5\ndevice: cpu\ndtype: float32\nbatch_size: 2\n"
             "max_length: 64\nstride: 16\n",
         )
     )
@@ -30,7 +30,7 @@ def test_full_config(tmp_path):
     known, style = config.suites
     assert known.path.endswith("known-good.jsonl")
     assert style.path == str((tmp_path / "data" / "style.jsonl").resolve())
-    assert style.chat_template is False and style.max_documents == 5
+    assert style.chat_template is False and style.limit == 5
 
 
 def test_defaults_without_a_file():
@@ -59,13 +59,12 @@ def test_all_problems_at_once(tmp_path):
         "missing.jsonl does not exist",
         "suites[0].chat_templte: unknown key; did you mean 'chat_template'?",
         "suites[1] (a).name: 'a' is used twice",
-        "suites[1] (a).type: 'mmlu' is not one of perplexity",
-        "suites[1] (a).path: missing, and there is no built-in suite 'a'",
+        "suites[1] (a).type: 'mmlu' is not one of perplexity, lm_eval",
         "suites[2].name: missing",
     ]
     for fragment in expected:
         assert fragment in message, fragment
-    assert len(err.value.problems) == 10
+    assert len(err.value.problems) == 9
 
 
 @pytest.mark.parametrize(

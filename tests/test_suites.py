@@ -6,7 +6,7 @@ import pytest
 
 from conftest import write_jsonl
 from gate.errors import SuiteError
-from gate.suites import builtin_suite_names, load_suite
+from gate.suites import builtin_entries, builtin_suites_dir, load_suite
 
 
 def test_three_shapes_and_blank_lines(tmp_path):
@@ -34,7 +34,7 @@ def test_hash_follows_the_bytes_and_options(tmp_path):
     path = write_jsonl(tmp_path / "s.jsonl", [{"text": "x"}])
     one = load_suite("s", path)
     assert one.identity != load_suite("s", path, chat_template=False).identity
-    assert one.identity != load_suite("s", path, max_documents=1).identity
+    assert one.identity != load_suite("s", path, limit=1).identity
     path.write_text('{"text": "y"}\n')
     assert load_suite("s", path).data_hash != one.data_hash
 
@@ -86,9 +86,8 @@ def test_missing_file(tmp_path):
 
 
 def test_builtin_known_good_suite_is_valid_english_text():
-    assert "known-good" in builtin_suite_names()
-    from gate.suites import builtin_suite_path
-
-    suite = load_suite("known-good", builtin_suite_path("known-good"))
+    entry = builtin_entries()["known-good"]
+    assert entry["type"] == "perplexity"
+    suite = load_suite("known-good", builtin_suites_dir() / entry["path"])
     assert len(suite.documents) == 30 and suite.shapes == {"text"}
     assert all(len(d.text.split()) >= 40 for d in suite.documents)

@@ -1,8 +1,17 @@
-"""The run recipe, top to bottom: identify -> load base once -> score base -> for each checkpoint
-attach adapter, score, detach -> full checkpoints alone -> assemble results.json from the store.
+"""The run recipe, top to bottom.
 
-Only (model, suite) pairs missing from the results store are scored, so a re-run costs nothing
-and a new checkpoint costs one checkpoint. Each pair is stored as soon as it is scored.
+1. identify the base, the settings and every (model, suite) score by content hashes;
+2. tokenize the perplexity suites and load the lm-eval tasks, before any model (bad data fails fast);
+3. full-weight checkpoints stand alone: each is loaded by itself and scored on the perplexity suites;
+4. the base, loaded once, is scored on every suite before any adapter touches it;
+5. each adapter in turn on the same base: attach, score the perplexity suites, detach;
+6. the funnel picks the checkpoints that get the (expensive) lm-eval suites;
+7. those adapters are attached again in turn and scored on the lm-eval suites; the base is freed;
+8. selected full checkpoints get the lm-eval suites;
+9. results.json is assembled from the results store, the single source of truth.
+
+Only (model, suite) pairs missing from the store are scored, so a re-run costs nothing and a new
+checkpoint costs one checkpoint. Each pair is stored as soon as it is scored.
 """
 
 from __future__ import annotations
@@ -18,13 +27,24 @@ from gate.errors import EXIT_INVALID_INPUT, EXIT_RUNTIME_FAILURE, CheckpointErro
 from gate.hashing import sha256_files
 from gate.plan import RunRequest
 from gate.progress import ProgressEvent, ProgressFn, no_progress
-from gate.results import SCHEMA_VERSION, ModelResult, Results, RunSettings, SuiteInfo, SuiteScore, write_results
+from gate.results import (
+    SCHEMA_VERSION,
+    ModelResult,
+    Results,
+    RunSettings,
+    SuiteInfo,
+    SuiteScore,
+    unpaired_items,
+    write_results,
+)
+from gate.runner import harness
+from gate.runner import model as models
+from gate.runner.perplexity import SCORING_VERSION, encode_suite, score_documents
 from gate.scan import Checkpoint
 from gate.store import STORE_NAME, ResultsStore, ScoreIdentity, ScoreProvenance
-from gate.runner import model as models
-from gate.runner.perplexity import SCORING_VERSION, EncodedDocument, encode_suite, score_documents
 
 RESULTS_NAME = "results.json"
+WORK_DIR = ".gate"  # under the output folder: localized task YAMLs
 
 
 @dataclass
@@ -37,6 +57,10 @@ class ModelPlan:
     """The scanned checkpoint; None for the base."""
     identities: dict[str, ScoreIdentity] = field(default_factory=dict)
     """Suite name -> identity (store key) of this model's score on it."""
+
+    @property
+    def name(self) -> str:
+        return self.result.name
 
 
 @dataclass
@@ -64,9 +88,8 @@ class RunOutcome:
 def run(request: RunRequest, progress: ProgressFn = no_progress) -> RunOutcome:
     """Score the base and every valid checkpoint on every suite; write results.json."""
     models.check_versions()
-    store = ResultsStore(request.out_dir / STORE_NAME)
-    with store:
-        # 1. Identify the base, the settings and every (model, suite) score by content hashes.
+    with ResultsStore(request.out_dir / STORE_NAME) as store:
+        # 1. Identify everything by content hashes.
         progress(ProgressEvent("stage", message=f"resolving base {request.base}"))
         base_dir = models.resolve_base(request.base, request.online)
         base_config = models.read_model_config(base_dir)
@@ -78,6 +101,9 @@ def run(request: RunRequest, progress: ProgressFn = no_progress) -> RunOutcome:
         )
         device = models.choose_device(request.device)
         dtype = models.choose_dtype(request.dtype, device)
+        if request.task_specs:
+            progress(ProgressEvent("stage", message="loading lm-eval tasks"))
+        tasks = harness.prepare_tasks(request.task_specs, request.out_dir / WORK_DIR) if request.task_specs else []
         settings = RunSettings(
             device=str(device),
             dtype=str(dtype).removeprefix("torch."),
@@ -86,73 +112,108 @@ def run(request: RunRequest, progress: ProgressFn = no_progress) -> RunOutcome:
             stride=stride,
             scoring=SCORING_VERSION,
             tokenizer_hash=tokenizer_hash,
+            lm_eval=harness.lm_eval_version() if tasks else None,
+            seeds=dict(harness.SEEDS) if tasks else {},
         )
-        plans = _plan(request, base_hash, tokenizer_hash, settings, store)
+        plans = _plan(request, tasks, base_hash, tokenizer_hash, settings, store)
         outcome = RunOutcome(results_path=request.out_dir / RESULTS_NAME)
         for plan in plans[1:]:
             if plan.result.status == "invalid":
-                outcome.problems.append((plan.result.reason or plan.result.name, EXIT_INVALID_INPUT))
+                outcome.problems.append((plan.result.reason or plan.name, EXIT_INVALID_INPUT))
+        todo = {(p.name, s) for p in plans for s, ident in p.identities.items() if not store.has(ident.key)}
+        perplexity_suites = [s.name for s in request.suites]
+        task_suites = [t.spec.name for t in tasks]
+        base_plan, checkpoints = plans[0], [p for p in plans[1:] if p.result.status == "ok"]
+        adapters = [p for p in checkpoints if p.checkpoint.kind == "lora"]
+        fulls = [p for p in checkpoints if p.checkpoint.kind == "full"]
 
-        todo = {
-            (plan.result.name, suite)
-            for plan in plans
-            for suite, identity in plan.identities.items()
-            if not store.has(identity.key)
-        }
-        if todo:
-            # 2. Tokenize each suite once, before any model loads: bad data fails fast and cheap.
-            progress(ProgressEvent("stage", message="tokenizing suites"))
-            encoded = {suite.name: encode_suite(suite, tokenizer) for suite in request.suites}
-            vocab_size = base_config.get("vocab_size") or len(tokenizer)
-            scorer = _Scorer(request, store, settings, device, max_length, stride, vocab_size, progress, outcome)
+        # 2. Tokenize perplexity suites once, for all models.
+        needed = {s for _, s in todo}
+        progress(ProgressEvent("stage", message="tokenizing suites"))
+        encoded = {s.name: encode_suite(s, tokenizer) for s in request.suites if s.name in needed}
+        scorer = _Scorer(
+            request=request,
+            store=store,
+            settings=settings,
+            device=device,
+            dtype=dtype,
+            max_length=max_length,
+            stride=stride,
+            vocab_size=base_config.get("vocab_size") or len(tokenizer),
+            tokenizer=tokenizer,
+            encoded=encoded,
+            tasks={t.spec.name: t for t in tasks},
+            todo=todo,
+            progress=progress,
+            outcome=outcome,
+        )
 
-            # 3. The base, loaded once; scored with no adapter attached.
-            adapters = [p for p in plans[1:] if p.checkpoint.kind == "lora" and _needs_work(p, todo)]
-            if _needs_work(plans[0], todo) or adapters:
-                progress(ProgressEvent("stage", message=f"loading base model {base_dir}"))
-                base_model = models.load_model(base_dir, device, dtype, request.trust_remote_code)
-                outcome.base_loads += 1
-                scorer.score_model(base_model, plans[0], encoded, tokenizer, todo)
-                # 4. Each adapter in turn on the same base: attach, score, detach.
-                _score_adapters(base_model, adapters, tokenizer, scorer, encoded, todo)
-                del base_model
-                models.free_memory()
+        # 3. Full-weight checkpoints, each alone, before the base takes the memory.
+        for plan in fulls:
+            scorer.full_checkpoint(plan, perplexity_suites)
 
-            # 5. Full-weight checkpoints stand alone, each loaded by itself after the base is freed.
-            full = [p for p in plans[1:] if p.checkpoint.kind == "full" and _needs_work(p, todo)]
-            for plan in full:
-                folder = Path(plan.checkpoint.path)
-                load_full = functools.partial(
-                    models.load_model, folder, device, dtype, request.trust_remote_code, CheckpointError
-                )
-                scorer.progress(ProgressEvent("stage", message=f"loading full checkpoint {plan.result.name}"))
-                scorer.load_and_score(plan, load_full, models.free_memory, encoded, tokenizer, todo)
+        # 4. The base, loaded once, on every suite, before any adapter is injected into it.
+        base = _LoadedBase(lambda: models.load_model(base_dir, device, dtype, request.trust_remote_code), outcome)
+        if scorer.needs(base_plan, perplexity_suites + task_suites):
+            scorer.score(base.model(), base_plan, perplexity_suites + task_suites)
 
-        # 6. Assemble results.json from the store: the single source of truth.
-        results = _assemble(request, plans, settings, store)
+        # 5. Each adapter in turn on the same base: attach, score, detach.
+        for plan in adapters:
+            scorer.adapter(base, plan, perplexity_suites)
+
+        # 6. The funnel: lm-eval suites only for the best checkpoints.
+        selected = _funnel(request, checkpoints, task_suites, store, scorer)
+
+        # 7. lm-eval suites on the selected adapters; then the base is freed.
+        for plan in adapters:
+            if plan.name in selected:
+                scorer.adapter(base, plan, task_suites)
+        base.release()
+
+        # 8. lm-eval suites on the selected full checkpoints.
+        for plan in fulls:
+            if plan.name in selected:
+                scorer.full_checkpoint(plan, task_suites)
+
+        # 9. Assemble results.json from the store.
+        results = _assemble(request, plans, tasks, settings, store, outcome)
     outcome.results = results
     computed = set(outcome.computed)
-    outcome.reused = sorted((p.result.name, s) for p in plans for s in p.identities if (p.result.name, s) not in computed)
+    outcome.reused = sorted((p.name, s) for p in plans for s in p.identities if (p.name, s) not in computed)
     write_results(outcome.results_path, results)
     return outcome
 
 
-def _score_adapters(base_model, adapters, tokenizer, scorer: _Scorer, encoded, todo) -> None:
-    slot = models.AdapterSlot(base_model)
-    for plan in adapters:
-        scorer.progress(ProgressEvent("stage", message=f"attaching adapter {plan.result.name}"))
-        scorer.load_and_score(plan, lambda: slot.attach(plan.checkpoint), slot.detach, encoded, tokenizer, todo)
+class _LoadedBase:
+    """The base model, loaded on first use (never when everything is stored), and its adapter slot."""
+
+    def __init__(self, load, outcome: RunOutcome):
+        self._load = load
+        self._outcome = outcome
+        self._model = None
+        self.slot: models.AdapterSlot | None = None
+
+    def model(self):
+        if self._model is None:
+            self._model = self._load()
+            self._outcome.base_loads += 1
+            self.slot = models.AdapterSlot(self._model)
+        return self._model
+
+    def release(self) -> None:
+        self._model = self.slot = None
+        models.free_memory()
 
 
-def _plan(
-    request: RunRequest, base_hash: str, tokenizer_hash: str, settings: RunSettings, store: ResultsStore
-) -> list[ModelPlan]:
+def _plan(request, tasks, base_hash, tokenizer_hash, settings: RunSettings, store: ResultsStore) -> list[ModelPlan]:
     key_settings = {
         "dtype": settings.dtype,
         "max_length": settings.max_length,
         "stride": settings.stride,
         "scoring": settings.scoring,
     }
+    suite_identities = {s.name: s.identity for s in request.suites}
+    suite_identities.update({t.spec.name: t.identity for t in tasks})
     base = ModelPlan(
         result=ModelResult(name="base", kind="base", path=request.base, weights_hash=base_hash), checkpoint=None
     )
@@ -179,19 +240,42 @@ def _plan(
         if is_full and plan.checkpoint.has_tokenizer:
             folder = Path(plan.checkpoint.path)
             tok_hash = sha256_files(models.tokenizer_files(folder), folder, store.hash_cache)
-        for suite in request.suites:
-            plan.identities[suite.name] = ScoreIdentity(
+        for name, identity in suite_identities.items():
+            plan.identities[name] = ScoreIdentity(
                 base_hash=None if is_full else base_hash,
                 model_hash=plan.result.weights_hash,
                 tokenizer_hash=tok_hash,
-                suite_identity=suite.identity,
+                suite_identity=identity,
                 settings=key_settings,
             )
     return plans
 
 
-def _needs_work(plan: ModelPlan, todo: set[tuple[str, str]]) -> bool:
-    return any((plan.result.name, suite) in todo for suite in plan.identities)
+def _funnel(request: RunRequest, checkpoints: list[ModelPlan], task_suites, store, scorer: _Scorer) -> set[str]:
+    """Names of the checkpoints that get the lm-eval suites; the others are marked skipped."""
+    everyone = {p.name for p in checkpoints}
+    funnel = request.funnel
+    if funnel is None or not task_suites:
+        return everyone
+    ranked = []
+    for plan in checkpoints:
+        identity = plan.identities.get(funnel.suite)
+        score = store.get(identity.key) if identity else None
+        if score is None or plan.result.status != "ok":
+            continue  # failed on the ranking suite: never selected
+        value = score.perplexity if funnel.metric == "perplexity" else score.bits_per_byte
+        ranked.append((value, plan.result.step if plan.result.step is not None else 0, plan.name))
+    selected = {name for _, _, name in sorted(ranked)[: funnel.top_k]}
+    for plan in checkpoints:
+        if plan.name in selected:
+            continue
+        for suite in task_suites:
+            if (plan.name, suite) in scorer.todo:
+                scorer.todo.discard((plan.name, suite))
+                plan.result.skipped[suite] = (
+                    f"funnel: not among the {funnel.top_k} best by {funnel.suite}.{funnel.metric}"
+                )
+    return selected
 
 
 def _fail(plan: ModelPlan, err: GateError, outcome: RunOutcome) -> None:
@@ -203,60 +287,51 @@ def _fail(plan: ModelPlan, err: GateError, outcome: RunOutcome) -> None:
 
 @dataclass
 class _Scorer:
-    """Scores one loaded model on the suites it still needs and stores each score at once."""
+    """Scores loaded models on the suites they still need and stores each score at once."""
 
     request: RunRequest
     store: ResultsStore
     settings: RunSettings
     device: object
+    dtype: object
     max_length: int
     stride: int
     vocab_size: int
+    tokenizer: object
+    encoded: dict
+    tasks: dict
+    todo: set
     progress: ProgressFn
     outcome: RunOutcome
 
-    def score_model(self, model, plan: ModelPlan, encoded: dict[str, list[EncodedDocument]], tokenizer, todo) -> None:
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        for suite in self.request.suites:
-            name = plan.result.name
-            if (name, suite.name) not in todo:
-                continue
-            docs = encoded[suite.name]
-            self.progress(ProgressEvent("start", model=name, suite=suite.name, total=len(docs)))
-            began = time.perf_counter()
-            try:
-                records, used = score_documents(
-                    model,
-                    docs,
-                    max_length=self.max_length,
-                    stride=self.stride,
-                    batch_size=self.request.batch_size,
-                    device=self.device,
-                    pad_id=pad_id,
-                    on_progress=lambda done, total: self.progress(
-                        ProgressEvent("advance", model=name, suite=suite.name, done=done, total=total)
-                    ),
-                )
-            except RunFailure as err:
-                if plan.checkpoint is None:
-                    raise RunFailure(f"base model on suite {suite.name!r}: {err}") from None
-                _fail(plan, RunFailure(f"{name} on suite {suite.name!r}: {err}"), self.outcome)
-                return
-            score = SuiteScore.from_documents(suite.name, records)
-            provenance = ScoreProvenance(
-                device=self.settings.device,
-                batch_size=used,
-                seconds=time.perf_counter() - began,
-                gate_version=gate.__version__,
-            )
-            self.store.put(plan.identities[suite.name], score, provenance)
-            self.outcome.computed.append((name, suite.name))
-            self.progress(ProgressEvent("done", model=name, suite=suite.name, done=len(docs), total=len(docs)))
+    def needs(self, plan: ModelPlan, suites: list[str]) -> bool:
+        return plan.result.status == "ok" and any((plan.name, s) in self.todo for s in suites)
 
-    def load_and_score(self, plan: ModelPlan, load, release, encoded, tokenizer, todo) -> None:
+    def adapter(self, base: _LoadedBase, plan: ModelPlan, suites: list[str]) -> None:
+        if not self.needs(plan, suites):
+            return
+        base.model()
+        self.progress(ProgressEvent("stage", message=f"attaching adapter {plan.name}"))
+        self._load_and_score(plan, lambda: base.slot.attach(plan.checkpoint), base.slot.detach, suites)
+
+    def full_checkpoint(self, plan: ModelPlan, suites: list[str]) -> None:
+        if not self.needs(plan, suites):
+            return
+        load = functools.partial(
+            models.load_model,
+            Path(plan.checkpoint.path),
+            self.device,
+            self.dtype,
+            self.request.trust_remote_code,
+            CheckpointError,
+        )
+        self.progress(ProgressEvent("stage", message=f"loading full checkpoint {plan.name}"))
+        self._load_and_score(plan, load, models.free_memory, suites)
+
+    def _load_and_score(self, plan: ModelPlan, load, release, suites: list[str]) -> None:
         """Check the tokenizer, load (an adapter or a full model), score, release; failures stay with the plan."""
         try:
-            problem = models.tokenizer_problem(plan.checkpoint, tokenizer, self.vocab_size, self.request.trust_remote_code)
+            problem = models.tokenizer_problem(plan.checkpoint, self.tokenizer, self.vocab_size, self.request.trust_remote_code)
             if problem:
                 raise CheckpointError(problem)
             model = load()
@@ -264,20 +339,87 @@ class _Scorer:
             _fail(plan, err, self.outcome)
             return
         try:
-            self.score_model(model, plan, encoded, tokenizer, todo)
+            self.score(model, plan, suites)
         finally:
             model = None  # drop our reference before release() frees the memory
             release()
 
+    def score(self, model, plan: ModelPlan, suites: list[str]) -> None:
+        for suite in suites:
+            if (plan.name, suite) not in self.todo or plan.result.status != "ok":
+                continue
+            try:
+                if suite in self.encoded:
+                    self._perplexity(model, plan, suite)
+                else:
+                    self._task(model, plan, suite)
+            except RunFailure as err:
+                if plan.checkpoint is None:
+                    raise RunFailure(f"base model on suite {suite!r}: {err}") from None
+                _fail(plan, RunFailure(f"{plan.name} on suite {suite!r}: {err}"), self.outcome)
+                return
+            self.todo.discard((plan.name, suite))
+            self.outcome.computed.append((plan.name, suite))
 
-def _assemble(request: RunRequest, plans: list[ModelPlan], settings: RunSettings, store: ResultsStore) -> Results:
+    def _provenance(self, began: float, batch_size: int) -> ScoreProvenance:
+        return ScoreProvenance(
+            device=self.settings.device,
+            batch_size=batch_size,
+            seconds=time.perf_counter() - began,
+            gate_version=gate.__version__,
+        )
+
+    def _perplexity(self, model, plan: ModelPlan, suite: str) -> None:
+        docs = self.encoded[suite]
+        name = plan.name
+        self.progress(ProgressEvent("start", model=name, suite=suite, total=len(docs)))
+        began = time.perf_counter()
+        records, used = score_documents(
+            model,
+            docs,
+            max_length=self.max_length,
+            stride=self.stride,
+            batch_size=self.request.batch_size,
+            device=self.device,
+            pad_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0,
+            on_progress=lambda done, total: self.progress(
+                ProgressEvent("advance", model=name, suite=suite, done=done, total=total)
+            ),
+        )
+        score = SuiteScore.from_documents(suite, records)
+        self.store.put(plan.identities[suite], score, self._provenance(began, used))
+        self.progress(ProgressEvent("done", model=name, suite=suite, done=len(docs), total=len(docs)))
+
+    def _task(self, model, plan: ModelPlan, suite: str) -> None:
+        task = self.tasks[suite]
+        self.progress(ProgressEvent("start", model=plan.name, suite=suite, total=task.n_documents))
+        began = time.perf_counter()
+        score = harness.evaluate(
+            model,
+            self.tokenizer,
+            task,
+            batch_size=self.request.batch_size,
+            device=self.device,
+            max_length=self.max_length,
+        )
+        self.store.put_task(plan.identities[suite], score, self._provenance(began, self.request.batch_size))
+        self.progress(ProgressEvent("done", model=plan.name, suite=suite, done=task.n_documents, total=task.n_documents))
+
+
+def _assemble(request, plans: list[ModelPlan], tasks, settings, store: ResultsStore, outcome: RunOutcome) -> Results:
     for plan in plans:
         if plan.result.status != "ok":
             continue
         for suite, identity in plan.identities.items():
+            if suite in plan.result.skipped:
+                continue
             score = store.get(identity.key)
             if score is not None:
                 plan.result.scores[suite] = score
+            task_score = store.get_task(identity.key)
+            if task_score is not None:
+                plan.result.tasks[suite] = task_score
+    _check_pairing(plans, outcome)
     suites = [
         SuiteInfo(
             name=s.name,
@@ -287,18 +429,52 @@ def _assemble(request: RunRequest, plans: list[ModelPlan], settings: RunSettings
             identity=s.identity,
             documents=len(s.documents),
             chat_template=s.chat_template,
+            limit=s.options.get("limit"),
         )
         for s in request.suites
+    ] + [
+        SuiteInfo(
+            name=t.spec.name,
+            type="lm_eval",
+            path=t.spec.task,
+            data_hash=t.docs_hash,
+            identity=t.identity,
+            documents=t.n_documents,
+            chat_template=t.spec.use_chat_template,
+            metric=t.metric,
+            limit=t.spec.limit,
+            num_fewshot=t.spec.num_fewshot,
+            versions=t.versions,
+        )
+        for t in tasks
     ]
     return Results(
         schema_version=SCHEMA_VERSION,
         gate_version=gate.__version__,
         created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         command=request.command,
-        versions=models.library_versions(),
+        versions={**models.library_versions(), **({"lm_eval": settings.lm_eval} if settings.lm_eval else {})},
         settings=settings,
         base=plans[0].result,
         checkpoints=[p.result for p in plans[1:]],
         suites=suites,
         warnings=list(request.scan.warnings) + list(request.warnings),
     )
+
+
+def _check_pairing(plans: list[ModelPlan], outcome: RunOutcome) -> None:
+    """Base and checkpoint must have seen the same prompts, item by item, before they are compared."""
+    base = plans[0].result
+    for plan in plans[1:]:
+        for suite, score in list(plan.result.tasks.items()):
+            reference = base.tasks.get(suite)
+            if reference is None:
+                continue
+            mismatched = unpaired_items(reference, score)
+            if mismatched:
+                del plan.result.tasks[suite]
+                message = (
+                    f"{plan.name} on suite {suite!r}: {len(mismatched)} item(s) saw other prompts than the base "
+                    f"(first: {mismatched[0]}); its scores are dropped: delete the output folder's gate.sqlite and re-run"
+                )
+                _fail(plan, RunFailure(message), outcome)
