@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import shlex
 import sys
@@ -20,7 +21,7 @@ import click
 import gate
 from gate.errors import EXIT_INVALID_INPUT, EXIT_RUNTIME_FAILURE, CheckpointError, GateError
 from gate.plan import no_checkpoints_message, prepare_run
-from gate.progress import ProgressEvent
+from gate.progress import ProgressEvent, no_progress
 from gate.scan import ScanReport, scan
 
 EXIT_INTERRUPTED = 130
@@ -111,6 +112,7 @@ def scan_command(directory: Path, as_json: bool, allow_pickle: bool, base: str |
 @click.option("--batch-size", type=click.IntRange(min=1), help="Sequences per forward pass (default 8).")
 @click.option("--max-length", type=click.IntRange(min=2), help="Tokens per scored window (default: model context, at most 2048).")
 @click.option("--stride", type=click.IntRange(min=1), help="Sliding-window step for long documents (default: max-length / 2).")
+@click.option("--limit", type=click.IntRange(min=1), help="Only the first N documents of every suite: a quick run, marked partial.")
 @allow_pickle_option
 @click.option("--trust-remote-code", is_flag=True, help="Run model code shipped with the base. Only for models you trust.")
 @click.option("--online", is_flag=True, help="Allow contacting the Hugging Face hub (default: offline, local cache only).")
@@ -153,9 +155,9 @@ def _run(directory: Path, *, quiet: bool = False, **options):
     request = prepare_run(directory, command=shlex.join(["gate", *sys.argv[1:]]), **options)
     from gate.runner import run  # torch is imported here, and only here
 
-    renderer = _ProgressRenderer(enabled=not quiet)
+    renderer = _ProgressRenderer()
     try:
-        outcome = run(request, progress=renderer)
+        outcome = run(request, progress=no_progress if quiet else renderer)
     finally:
         renderer.close()
     _print_run(outcome)
@@ -164,6 +166,10 @@ def _run(directory: Path, *, quiet: bool = False, **options):
 
 def _set_offline(online: bool) -> None:
     """Offline unless asked: nothing reaches the network by default (set before transformers loads)."""
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its notices are not the user's business
+    # gate shows its own progress; lm-eval's and datasets' bars would flood the terminal.
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     if not online:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -184,37 +190,58 @@ def _print_scan(report: ScanReport) -> None:
 
 def _print_run(outcome) -> None:
     results = outcome.results
-    suites = [s.name for s in results.suites]
     models = [results.base, *results.checkpoints]
     width = max(len(m.name) for m in models)
-    click.echo("perplexity (lower is better)")
-    click.echo(f"{'model':<{width}}  {'step':>6}  " + "  ".join(f"{s:>14}" for s in suites))
-    for m in models:
-        step = "-" if m.step is None else str(m.step)
-        if m.status != "ok":
-            click.echo(f"{m.name:<{width}}  {step:>6}  {m.status.upper()}: {m.reason}")
-            continue
-        cells = [f"{m.scores[s].perplexity:>14.4f}" if s in m.scores else f"{'-':>14}" for s in suites]
-        click.echo(f"{m.name:<{width}}  {step:>6}  " + "  ".join(cells))
-    click.echo(
-        f"computed {len(outcome.computed)} model x suite score(s), reused {len(outcome.reused)} from the store"
-    )
+    perplexity = [s.name for s in results.suites if s.type == "perplexity"]
+    tasks = [s for s in results.suites if s.type == "lm_eval"]
+    if perplexity:
+        _print_table("perplexity (lower is better)", models, width, perplexity, _perplexity_cell)
+    if tasks:
+        headers = [f"{t.name} {t.metric}" for t in tasks]
+        cells = {h: t.name for h, t in zip(headers, tasks)}
+        _print_table("lm-eval", models, width, headers, lambda m, h: _task_cell(m, cells[h]))
+    counts = f"computed {len(outcome.computed)} model x suite score(s), reused {len(outcome.reused)} from the store"
+    if outcome.skipped:
+        counts += f", skipped {len(outcome.skipped)} (funnel)"
+    click.echo(counts)
+    if results.partial:
+        click.echo("partial: suites were capped by a limit; these numbers are for a quick look only")
     click.echo(f"results: {outcome.results_path}")
     for message, _ in outcome.problems:
         click.echo(f"error: {message}", err=True)
 
 
+def _print_table(title: str, models, width: int, columns: list[str], cell) -> None:
+    size = max([14, *(len(c) for c in columns)])
+    click.echo(title)
+    click.echo(f"{'model':<{width}}  {'step':>6}  " + "  ".join(f"{c:>{size}}" for c in columns))
+    for m in models:
+        step = "-" if m.step is None else str(m.step)
+        if m.status != "ok":
+            click.echo(f"{m.name:<{width}}  {step:>6}  {m.status.upper()}: {m.reason}")
+            continue
+        click.echo(f"{m.name:<{width}}  {step:>6}  " + "  ".join(f"{cell(m, c):>{size}}" for c in columns))
+
+
+def _perplexity_cell(model, suite: str) -> str:
+    return f"{model.scores[suite].perplexity:.4f}" if suite in model.scores else "-"
+
+
+def _task_cell(model, suite: str) -> str:
+    if suite in model.skipped:
+        return "skipped"
+    score = model.tasks.get(suite)
+    return f"{score.value:.4f}" if score is not None and score.metric in score.metrics else "-"
+
+
 class _ProgressRenderer:
     """Renders runner progress events on stderr with rich."""
 
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
+    def __init__(self):
         self._progress = None
         self._task = None
 
     def __call__(self, event: ProgressEvent) -> None:
-        if not self.enabled:
-            return
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 

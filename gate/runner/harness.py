@@ -74,26 +74,25 @@ def prepare_tasks(specs: list[SuiteSpec], work_dir: Path) -> list[PreparedTask]:
 
 
 def prepare_task(spec: SuiteSpec, work_dir: Path) -> PreparedTask:
-    from lm_eval.tasks import TaskManager, get_task_dict
+    from lm_eval.tasks import TaskManager
 
     where = f"suite {spec.name!r} (task {spec.task})"
     source = Path(spec.task)
     if source.exists():
         folder = _localize(source, work_dir / "tasks" / spec.name, where)
-        manager = TaskManager(include_path=str(folder), include_defaults=False, verbosity="ERROR")
+        manager = TaskManager(include_path=str(folder), include_defaults=False)
         names = _declared_tasks(folder if source.is_dir() else folder / source.name)
     else:
-        manager = TaskManager(verbosity="ERROR")
+        manager = TaskManager()
         names = [spec.task]
         if spec.task not in manager.all_tasks:
             close = difflib.get_close_matches(spec.task, manager.all_tasks, n=3)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise SuiteError(f"{where}: lm-eval has no task {spec.task!r}{hint}; fix `task:` in gate.yaml")
     try:
-        task_dict = get_task_dict(names, manager)
+        leaves = dict(manager.load(names)["tasks"])
     except Exception as err:  # noqa: BLE001 - lm-eval and datasets raise many types; all mean "unusable"
         raise SuiteError(f"{where}: the task cannot be loaded: {type(err).__name__}: {_first_line(err)}") from None
-    leaves = _leaf_tasks(task_dict)
     if not leaves:
         raise SuiteError(f"{where}: defines no task; check its `task:` key")
     docs = hashlib.sha256()
@@ -136,13 +135,21 @@ def prepare_task(spec: SuiteSpec, work_dir: Path) -> PreparedTask:
     )
 
 
-def evaluate(model, tokenizer, prepared: PreparedTask, *, batch_size: int, device, max_length: int) -> TaskScore:
+def evaluate(
+    model, tokenizer, prepared: PreparedTask, *, batch_size: int, device, max_length: int, progress_bars: bool = True
+) -> TaskScore:
     """Run one task on the loaded model; keep lm-eval's per-sample metric values."""
+    import functools
+
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
     spec = prepared.spec
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device), max_length=max_length)
+    if not progress_bars:
+        # lm-eval passes disable_tqdm explicitly, so TQDM_DISABLE cannot silence its request bars.
+        for request_type in ("loglikelihood", "loglikelihood_rolling", "generate_until"):
+            setattr(lm, request_type, functools.partial(getattr(lm, request_type), disable_tqdm=True))
     out = lm_eval.simple_evaluate(
         model=lm,
         tasks=list(prepared.task_names),
@@ -274,16 +281,6 @@ def _declared_tasks(path: Path) -> list[str]:
     if not names:
         raise SuiteError(f"{path}: no `task:` found; an lm-eval task YAML names its task with `task: NAME`")
     return names
-
-
-def _leaf_tasks(task_dict: dict) -> dict:
-    leaves = {}
-    for key, value in task_dict.items():
-        if isinstance(value, dict):
-            leaves.update(_leaf_tasks(value))
-        elif value is not None:
-            leaves[getattr(key, "group_name", key) if not isinstance(key, str) else key] = value
-    return leaves
 
 
 def _metric_keys(leaves: dict) -> list[str]:

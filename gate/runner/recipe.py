@@ -75,6 +75,8 @@ class RunOutcome:
     """(model, suite) pairs scored in this run."""
     reused: list[tuple[str, str]] = field(default_factory=list)
     """(model, suite) pairs taken from the results store."""
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    """(model, suite) pairs not run on purpose (the funnel)."""
     problems: list[tuple[str, int]] = field(default_factory=list)
     """(message, exit code) for each checkpoint that is invalid or failed."""
     base_loads: int = 0
@@ -179,7 +181,13 @@ def run(request: RunRequest, progress: ProgressFn = no_progress) -> RunOutcome:
         results = _assemble(request, plans, tasks, settings, store, outcome)
     outcome.results = results
     computed = set(outcome.computed)
-    outcome.reused = sorted((p.name, s) for p in plans for s in p.identities if (p.name, s) not in computed)
+    outcome.reused = sorted(
+        (p.name, s)
+        for p in plans
+        for s in p.identities
+        if (p.name, s) not in computed and s not in p.result.skipped and (s in p.result.scores or s in p.result.tasks)
+    )
+    outcome.skipped = sorted((p.name, s) for p in plans for s in p.result.skipped)
     write_results(outcome.results_path, results)
     return outcome
 
@@ -401,6 +409,7 @@ class _Scorer:
             batch_size=self.request.batch_size,
             device=self.device,
             max_length=self.max_length,
+            progress_bars=self.progress is not no_progress,
         )
         self.store.put_task(plan.identities[suite], score, self._provenance(began, self.request.batch_size))
         self.progress(ProgressEvent("done", model=plan.name, suite=suite, done=task.n_documents, total=task.n_documents))
