@@ -180,61 +180,55 @@ class ResultsStore:
         return SuiteScore.from_documents(row[0], docs)
 
     def put(self, identity: ScoreIdentity, score: SuiteScore, provenance: ScoreProvenance) -> None:
-        """Store one complete (model, suite) score in a single transaction."""
+        """Store one complete (model, perplexity suite) score in a single transaction."""
         key = identity.key
-        now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-        with self._transaction():
-            self._conn.execute("DELETE FROM suite_scores WHERE key=?", (key,))
-            self._conn.execute(
-                "INSERT INTO suite_scores VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    key,
-                    identity.model_hash,
-                    identity.suite_identity,
-                    json.dumps(identity.as_json(), sort_keys=True),
-                    score.suite,
-                    score.nll_sum,
-                    score.tokens,
-                    score.bytes,
-                    provenance.device,
-                    provenance.batch_size,
-                    provenance.seconds,
-                    provenance.gate_version,
-                    now,
-                ),
-            )
-            self._conn.executemany(
-                "INSERT INTO document_scores VALUES (?,?,?,?,?,?)",
-                [(key, i, d.id, d.nll, d.tokens, d.bytes) for i, d in enumerate(score.documents)],
-            )
+        self._replace(
+            "suite_scores",
+            identity,
+            score.suite,
+            (score.nll_sum, score.tokens, score.bytes),
+            provenance,
+            "document_scores",
+            [(key, i, d.id, d.nll, d.tokens, d.bytes) for i, d in enumerate(score.documents)],
+        )
 
     def put_task(self, identity: ScoreIdentity, score: TaskScore, provenance: ScoreProvenance) -> None:
         """Store one complete (model, lm-eval suite) score in a single transaction."""
         key = identity.key
-        now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         header = {k: v for k, v in score.to_json().items() if k != "items"}
+        self._replace(
+            "task_scores",
+            identity,
+            score.suite,
+            (json.dumps(header),),
+            provenance,
+            "item_scores",
+            [(key, i, it.id, it.prompt_hash, json.dumps(it.values)) for i, it in enumerate(score.items)],
+        )
+
+    def _replace(self, table, identity, suite, values: tuple, provenance, detail_table, detail_rows) -> None:
+        """(Re)write one score row and its per-item rows atomically; a crash leaves the old state."""
+        now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        key = identity.key
+        row = (
+            key,
+            identity.model_hash,
+            identity.suite_identity,
+            json.dumps(identity.as_json(), sort_keys=True),
+            suite,
+            *values,
+            provenance.device,
+            provenance.batch_size,
+            provenance.seconds,
+            provenance.gate_version,
+            now,
+        )
         with self._transaction():
-            self._conn.execute("DELETE FROM task_scores WHERE key=?", (key,))
-            self._conn.execute(
-                "INSERT INTO task_scores VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    key,
-                    identity.model_hash,
-                    identity.suite_identity,
-                    json.dumps(identity.as_json(), sort_keys=True),
-                    score.suite,
-                    json.dumps(header),
-                    provenance.device,
-                    provenance.batch_size,
-                    provenance.seconds,
-                    provenance.gate_version,
-                    now,
-                ),
-            )
-            self._conn.executemany(
-                "INSERT INTO item_scores VALUES (?,?,?,?,?)",
-                [(key, i, it.id, it.prompt_hash, json.dumps(it.values)) for i, it in enumerate(score.items)],
-            )
+            self._conn.execute(f"DELETE FROM {table} WHERE key=?", (key,))
+            self._conn.execute(f"INSERT INTO {table} VALUES ({','.join('?' * len(row))})", row)
+            if detail_rows:
+                marks = ",".join("?" * len(detail_rows[0]))
+                self._conn.executemany(f"INSERT INTO {detail_table} VALUES ({marks})", detail_rows)
 
     def get_task(self, key: str) -> TaskScore | None:
         row = self._conn.execute("SELECT score_json FROM task_scores WHERE key=?", (key,)).fetchone()

@@ -74,7 +74,8 @@ class Suite:
 def builtin_suites_dir() -> Path:
     """Folder of the suites shipped with gate (source checkout or installed wheel)."""
     here = Path(__file__).resolve().parent
-    for candidate in (here.parent / "suites", here / "_builtin_suites"):
+    # The installed wheel's copy first: a stray top-level "suites" folder must not shadow it.
+    for candidate in (here / "_builtin_suites", here.parent / "suites"):
         if candidate.is_dir():
             return candidate
     return here.parent / "suites"
