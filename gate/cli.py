@@ -1,7 +1,8 @@
 """Command-line interface: thin click commands over the library.
 
-The only module that prints or exits. Errors become exit codes (README.md, "Exit codes"):
-0 success, 2 invalid input or configuration, 3 runtime failure, 130 interrupted.
+The only module that prints or exits. Exit codes (README.md, "Exit codes"): 0 a candidate is
+selected, 1 no checkpoint may ship, 2 invalid input or configuration, 3 runtime failure,
+130 interrupted.
 The runner (torch) is imported only inside the commands that score models.
 """
 
@@ -19,9 +20,11 @@ from pathlib import Path
 import click
 
 import gate
-from gate.errors import EXIT_INVALID_INPUT, EXIT_RUNTIME_FAILURE, CheckpointError, GateError
+from gate.config import find_config, load_config
+from gate.errors import EXIT_INVALID_INPUT, EXIT_RUNTIME_FAILURE, CheckpointError, ConfigError, GateError
 from gate.plan import no_checkpoints_message, prepare_run
 from gate.progress import ProgressEvent, no_progress
+from gate.results import read_results
 from gate.scan import ScanReport, scan
 
 EXIT_INTERRUPTED = 130
@@ -124,8 +127,28 @@ def run_command(directory: Path, config_path: Path | None, base: str | None, out
     Only what the results store lacks is computed: re-runs are incremental, and an interrupted
     run continues where it stopped.
     """
-    outcome = _run(directory, config_path=config_path, base=base, out_dir=out_dir, **options)
-    sys.exit(outcome.exit_code)
+    outcome, request = _run(directory, config_path=config_path, base=base, out_dir=out_dir, **options)
+    verdict = _apply_policy(outcome.results, request.policy, request.config_path, out_dir)
+    sys.exit(outcome.exit_code or verdict.exit_code)
+
+
+@main.command("check")
+@click.argument("out_dir", metavar="OUT", type=click.Path(path_type=Path))
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help="gate.yaml with the policy (default: the one the run used).")
+@_handle_errors
+def check_command(out_dir: Path, config_path: Path | None) -> None:
+    """Re-apply a (possibly edited) policy to OUT/results.json, without a GPU.
+
+    Rewrites OUT/verdict.json and exits as `gate run` would: 0 a candidate is selected,
+    1 none is, 2 invalid input or policy, 3 a checkpoint failed at run time.
+    """
+    results = read_results(out_dir / "results.json")
+    path = config_path or (Path(results.config) if results.config else find_config(None, None))
+    if results.config and not config_path and not Path(results.config).is_file():
+        raise ConfigError(results.config, ["the run's gate.yaml is gone; pass the policy with --config"])
+    config = load_config(path)
+    verdict = _apply_policy(results, config.policy, str(path) if path else None, out_dir)
+    sys.exit(results.exit_code or verdict.exit_code)
 
 
 @main.command("demo")
@@ -144,9 +167,10 @@ def demo_command(demo_dir: Path, out_dir: Path, quiet: bool) -> None:
     if not quiet:
         click.echo(f"example models in {demo_dir} (built on first use, then cached)", err=True)
     example = build_example(demo_dir)
-    outcome = _run(example.checkpoints, config_path=example.config, out_dir=out_dir, quiet=quiet)
+    outcome, request = _run(example.checkpoints, config_path=example.config, out_dir=out_dir, quiet=quiet)
+    verdict = _apply_policy(outcome.results, request.policy, request.config_path, out_dir)
     click.echo(f"\ndemo done: the base and {len(outcome.results.checkpoints)} checkpoints scored; see {outcome.results_path}")
-    sys.exit(outcome.exit_code)
+    sys.exit(outcome.exit_code or verdict.exit_code)
 
 
 def _run(directory: Path, *, quiet: bool = False, **options):
@@ -161,7 +185,46 @@ def _run(directory: Path, *, quiet: bool = False, **options):
     finally:
         renderer.close()
     _print_run(outcome)
-    return outcome
+    return outcome, request
+
+
+def _apply_policy(results, policy, config_path: str | None, out_dir: Path):
+    """Pure policy on the results -> OUT/verdict.json and a verdict summary."""
+    import datetime as dt
+
+    import numpy as np
+
+    from gate import policy as policy_engine
+    from gate.verdict import write_verdict
+
+    problems = policy_engine.validate(policy, results)
+    if problems:
+        raise ConfigError(config_path, problems)
+    verdict = policy_engine.evaluate(policy, results, np.random.default_rng(policy.seed))
+    verdict.provenance = {
+        "results": str(out_dir / "results.json"),
+        "results_created_at": results.created_at,
+        "config": config_path,
+        "gate_version": gate.__version__,
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    write_verdict(out_dir / "verdict.json", verdict)
+    _print_verdict(verdict, out_dir / "verdict.json")
+    return verdict
+
+
+def _print_verdict(verdict, path: Path) -> None:
+    click.echo("")
+    if verdict.selected:
+        click.echo(f"verdict: {verdict.selected} may ship ({verdict.reason})")
+    else:
+        click.echo(f"verdict: no candidate ({verdict.reason})")
+    width = max((len(v.name) for v in verdict.checkpoints), default=0)
+    for v in verdict.checkpoints:
+        mark = v.verdict.upper() if v.verdict != "pass" else "pass"
+        detail = "" if v.verdict == "pass" else f"  {v.reason}"
+        click.echo(f"  {v.name:<{width}}  {mark:<12}{detail}".rstrip())
+    click.echo(f"verdict: {path}")
 
 
 def _set_offline(online: bool) -> None:

@@ -15,6 +15,15 @@
         limit: null
         metric: acc                      # default: the task's first metric
     funnel: {top_k: 3, by: known-good.perplexity}   # lm_eval suites only on the 3 best
+    gates:                               # the policy (default: known-good must not regress > 5%)
+      - {suite: known-good, metric: perplexity, max_increase: 2%}   # guardrail, relative
+      - {suite: arith, metric: acc, max_drop: 0.02}                 # guardrail, absolute
+      - {suite: style, metric: perplexity, min_decrease: 10%}       # objective
+      - {suite: arith, metric: acc, min: 0.6}                       # absolute floor
+      - {suite: french, metric: perplexity, max_increase: 5%, informational: true}
+    select: style.perplexity             # ranks the passing checkpoints
+    alpha: 0.05
+    confirm: 0.5                         # select on half the items, certify on the other half
     device: auto                         # auto | cpu | cuda | cuda:N | mps
     dtype: auto                          # auto | float32 | bfloat16 | float16
     batch_size: 8
@@ -25,6 +34,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +47,21 @@ CONFIG_NAME = "gate.yaml"
 DEVICES_HELP = "auto, cpu, cuda, cuda:N or mps"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SUITE_TYPES = ("perplexity", "lm_eval")
-TOP_KEYS = {"base", "suites", "device", "dtype", "batch_size", "max_length", "stride", "funnel"}
+TOP_KEYS = {
+    "base", "suites", "device", "dtype", "batch_size", "max_length", "stride", "funnel",
+    "gates", "select", "alpha", "confirm", "seed", "bootstrap_iterations",
+}
+GATE_BOUNDS = {
+    # bound: (kind, which direction is harm for it: the metric must be lower-is-better or not)
+    "max_increase": ("guardrail", True),
+    "max_drop": ("guardrail", False),
+    "min_decrease": ("objective", True),
+    "min_gain": ("objective", False),
+    "min": ("floor", None),
+    "max": ("floor", None),
+}
+LOWER_IS_BETTER = {"perplexity", "bits_per_byte", "word_perplexity", "byte_perplexity"}
+DEFAULT_MAX_INCREASE = 0.05
 SUITE_KEYS = {"name", "type", "path", "task", "num_fewshot", "limit", "metric", "chat_template"}
 ONLY_FOR = {"path": "perplexity", "task": "lm_eval", "num_fewshot": "lm_eval"}
 PERPLEXITY_METRICS = ("perplexity", "bits_per_byte")
@@ -84,6 +108,63 @@ class Funnel:
 
 
 @dataclass
+class Gate:
+    """One check of the policy: a guardrail, an objective or an absolute floor on one suite's metric."""
+
+    suite: str
+    """Suite name."""
+    metric: str
+    """Metric of that suite (perplexity, bits_per_byte, acc, ...)."""
+    bound: str
+    """max_increase | max_drop (guardrails), min_decrease | min_gain (objectives), min | max (floors)."""
+    margin: float
+    """The margin (>= 0) or, for floors, the limit value."""
+    relative: bool = False
+    """Margin given in percent of the base's value ("2%")."""
+    informational: bool = False
+    """Reported but never decides a verdict."""
+
+    @property
+    def kind(self) -> str:
+        return GATE_BOUNDS[self.bound][0]
+
+    @property
+    def lower_is_better(self) -> bool:
+        return self.metric in LOWER_IS_BETTER
+
+    def describe(self) -> str:
+        margin = f"{self.margin * 100:g}%" if self.relative else f"{self.margin:g}"
+        tail = " (informational)" if self.informational else ""
+        return f"{self.suite}.{self.metric} {self.bound.replace('_', ' ')} {margin}{tail}"
+
+
+@dataclass
+class Policy:
+    """What a checkpoint must satisfy to ship, and how the passing ones are ranked."""
+
+    gates: list[Gate]
+    """Every check, in gate.yaml order."""
+    select: tuple[str, str] | None = None
+    """(suite, metric) that ranks the passing checkpoints; None: the first objective's, else the first gate's."""
+    alpha: float = 0.05
+    """Significance level of every test (family-wise, with Holm's correction)."""
+    confirm: float | None = None
+    """Fraction of items used to select; the candidate is certified on the rest. None: no split."""
+    seed: int = 0
+    """Seed of the bootstrap's random numbers."""
+    bootstrap_iterations: int = 10_000
+    """Bootstrap replicates per comparison."""
+
+    @property
+    def ranking(self) -> tuple[str, str]:
+        if self.select:
+            return self.select
+        objectives = [g for g in self.gates if g.kind == "objective"]
+        first = (objectives or self.gates)[0]
+        return first.suite, first.metric
+
+
+@dataclass
 class GateConfig:
     """The whole configuration of a run."""
 
@@ -105,6 +186,8 @@ class GateConfig:
     """Sliding-window step for documents longer than max_length; None uses max_length // 2."""
     funnel: Funnel | None = None
     """Cheap checks on every checkpoint, lm_eval suites on the top k only."""
+    policy: Policy | None = None
+    """The release policy (gates, select, alpha); default: no perplexity suite may rise > 5%."""
 
     @property
     def perplexity_suites(self) -> list[SuiteSpec]:
@@ -128,7 +211,8 @@ def find_config(explicit: str | None, checkpoints_dir: str | None) -> Path | Non
 def load_config(path: str | Path | None) -> GateConfig:
     """Read gate.yaml (or return the defaults when ``path`` is None). Raises ConfigError."""
     if path is None:
-        return GateConfig(suites=[_builtin_spec(n) for n in DEFAULT_SUITES])
+        suites = [_builtin_spec(n) for n in DEFAULT_SUITES]
+        return GateConfig(suites=suites, policy=default_policy(suites))
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -156,6 +240,7 @@ def load_config(path: str | Path | None) -> GateConfig:
     config.stride = _positive_int(raw, "stride", None, "", problems)
     config.suites = _suites(raw.get("suites"), path.parent.resolve(), problems)
     config.funnel = _funnel(raw.get("funnel"), config.suites, problems)
+    config.policy = _policy(raw, config.suites, problems)
     if problems:
         raise ConfigError(str(path), problems)
     return config
@@ -264,6 +349,106 @@ def _funnel(value: object, suites: list[SuiteSpec], problems: list[str]) -> Funn
         problems.append(f"funnel.by: {by!r} must name a perplexity suite and perplexity|bits_per_byte (choices: {ranked})")
         return None
     return Funnel(top_k=top_k, suite=suite, metric=metric)
+
+
+def default_policy(suites: list[SuiteSpec]) -> Policy:
+    """Without `gates:`: every perplexity suite is a guardrail that may not rise more than 5%."""
+    gates = [
+        Gate(suite=s.name, metric=s.metric or "perplexity", bound="max_increase", margin=DEFAULT_MAX_INCREASE, relative=True)
+        for s in suites
+        if s.type == "perplexity"
+    ]
+    return Policy(gates=gates)
+
+
+def _policy(raw: dict, suites: list[SuiteSpec], problems: list[str]) -> Policy:
+    alpha = raw.get("alpha", 0.05)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 0.5:
+        problems.append(f"alpha: must be a number between 0 and 0.5, not {alpha!r}")
+        alpha = 0.05
+    confirm = raw.get("confirm")
+    if confirm is not None and (isinstance(confirm, bool) or not isinstance(confirm, (int, float)) or not 0 < confirm < 1):
+        problems.append(f"confirm: must be a fraction between 0 and 1 (e.g. 0.5), not {confirm!r}")
+        confirm = None
+    seed = _typed(raw, "seed", int, 0, "", problems)
+    iterations = _positive_int(raw, "bootstrap_iterations", 10_000, "", problems)
+    if "gates" not in raw:
+        policy = default_policy(suites)
+    else:
+        policy = Policy(gates=_gates(raw["gates"], suites, problems))
+    policy.alpha, policy.confirm, policy.seed, policy.bootstrap_iterations = float(alpha), confirm, seed, iterations
+    select = raw.get("select")
+    if select is not None:
+        parsed = _suite_metric(select, suites, "select", problems)
+        policy.select = parsed
+    return policy
+
+
+def _gates(value: object, suites: list[SuiteSpec], problems: list[str]) -> list[Gate]:
+    if not isinstance(value, list) or not value:
+        problems.append("gates: must be a non-empty list of {suite, metric, <bound>: margin} entries")
+        return []
+    gates = []
+    for i, entry in enumerate(value):
+        where = f"gates[{i}]"
+        if not isinstance(entry, dict):
+            problems.append(f"{where}: must be a mapping like {{suite: known-good, metric: perplexity, max_increase: 2%}}")
+            continue
+        _unknown_keys(entry, {"suite", "metric", "informational", *GATE_BOUNDS}, f"{where}.", problems)
+        suite_metric = _suite_metric(f"{entry.get('suite')}.{entry.get('metric')}", suites, where, problems)
+        bounds = [b for b in GATE_BOUNDS if b in entry]
+        if len(bounds) != 1:
+            problems.append(f"{where}: needs exactly one of {', '.join(GATE_BOUNDS)} (found {len(bounds)})")
+            continue
+        bound = bounds[0]
+        margin, relative = _margin(entry[bound], f"{where}.{bound}", problems)
+        informational = _typed(entry, "informational", bool, False, f"{where}.", problems)
+        if suite_metric is None or margin is None:
+            continue
+        gate = Gate(suite_metric[0], suite_metric[1], bound, margin, relative, informational)
+        wants_lower = GATE_BOUNDS[bound][1]
+        if wants_lower is not None and wants_lower != gate.lower_is_better:
+            better = "lower" if gate.lower_is_better else "higher"
+            fitting = "max_increase / min_decrease" if gate.lower_is_better else "max_drop / min_gain"
+            problems.append(f"{where}.{bound}: {gate.metric} is better when {better}; use {fitting}")
+            continue
+        if bound in ("min", "max") and relative:
+            problems.append(f"{where}.{bound}: a floor is an absolute value, not a percentage")
+            continue
+        gates.append(gate)
+    return gates
+
+
+def _margin(value: object, where: str, problems: list[str]) -> tuple[float | None, bool]:
+    relative = isinstance(value, str) and value.strip().endswith("%")
+    try:
+        number = float(value.strip().rstrip("%")) / 100 if relative else float(value)
+    except (TypeError, ValueError, AttributeError):
+        problems.append(f"{where}: must be a number or a percentage like 2%, not {value!r}")
+        return None, False
+    if isinstance(value, bool) or number < 0 or not math.isfinite(number):
+        problems.append(f"{where}: must be 0 or more (a margin, not a direction), not {value!r}")
+        return None, False
+    return number, relative
+
+
+def _suite_metric(text: object, suites: list[SuiteSpec], where: str, problems: list[str]) -> tuple[str, str] | None:
+    if not isinstance(text, str) or "." not in text:
+        problems.append(f"{where}: must name suite.metric, not {text!r}")
+        return None
+    suite, _, metric = text.rpartition(".")
+    spec = next((s for s in suites if s.name == suite), None)
+    if spec is None:
+        names = ", ".join(s.name for s in suites)
+        problems.append(f"{where}: suite {suite!r} is not configured (suites: {names})")
+        return None
+    if spec.type == "perplexity" and metric not in PERPLEXITY_METRICS:
+        problems.append(f"{where}: metric {metric!r} of perplexity suite {suite!r} must be perplexity or bits_per_byte")
+        return None
+    if not metric or metric == "None":
+        problems.append(f"{where}: metric missing; name one, e.g. perplexity or acc")
+        return None
+    return suite, metric
 
 
 def _builtin_spec(name: str) -> SuiteSpec:

@@ -7,7 +7,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gate.config import Funnel, GateConfig, SuiteSpec, find_config, load_config
+from gate.config import Funnel, GateConfig, Policy, SuiteSpec, find_config, load_config
 from gate.errors import BaseModelError, CheckpointError, SuiteError
 from gate.scan import ScanReport, scan
 from gate.store import STORE_NAME, ResultsStore
@@ -48,6 +48,10 @@ class RunRequest:
     """Permit the Hugging Face hub to be contacted to resolve a hub id."""
     command: str = ""
     """Command line recorded in results.json."""
+    config_path: str | None = None
+    """The gate.yaml used (None: defaults)."""
+    policy: Policy | None = None
+    """The release policy to apply to the results (pure, after the run)."""
     warnings: list[str] = field(default_factory=list)
     """Warnings gathered while preparing the run."""
 
@@ -108,7 +112,8 @@ def prepare_run(
     Raises ConfigError, SuiteError, CheckpointError or BaseModelError before any model loads.
     """
     directory, out_dir = Path(directory), Path(out_dir)
-    config = load_config(find_config(str(config_path) if config_path else None, str(directory)))
+    found = find_config(str(config_path) if config_path else None, str(directory))
+    config = load_config(found)
     if limit is not None:
         config.suites = [dataclasses.replace(spec, limit=limit) for spec in config.suites]
     suites = load_suites(config)
@@ -135,6 +140,8 @@ def prepare_run(
         trust_remote_code=trust_remote_code,
         online=online,
         command=command,
+        config_path=str(Path(found).resolve()) if found else None,
+        policy=config.policy,
     )
 
 

@@ -149,6 +149,8 @@ class ModelResult:
     """``ok``; ``invalid`` (rejected by the scanner); ``error`` (failed to load or score)."""
     reason: str | None = None
     """For invalid/error: what went wrong and how to fix it."""
+    error_code: int | None = None
+    """For invalid/error: the exit code the problem maps to (2 invalid input, 3 runtime failure)."""
     step: int | None = None
     """Training step, when known."""
     weights_hash: str | None = None
@@ -258,6 +260,13 @@ class Results:
     """The suites scored."""
     warnings: list[str] = field(default_factory=list)
     """Non-fatal problems (scanner warnings and the like)."""
+    config: str | None = None
+    """The gate.yaml the run used (``gate check`` re-reads it unless told otherwise)."""
+
+    @property
+    def exit_code(self) -> int:
+        """2 or 3 when a checkpoint was invalid or failed (as the run exited), else 0."""
+        return max((c.error_code or 0 for c in self.checkpoints), default=0)
 
     @property
     def partial(self) -> bool:
@@ -277,6 +286,7 @@ class Results:
             "checkpoints": [c.to_json() for c in self.checkpoints],
             "suites": [asdict(s) for s in self.suites],
             "warnings": self.warnings,
+            "config": self.config,
         }
 
     @classmethod
@@ -292,6 +302,7 @@ class Results:
             checkpoints=[ModelResult.from_json(c) for c in obj["checkpoints"]],
             suites=[SuiteInfo(**s) for s in obj["suites"]],
             warnings=obj.get("warnings", []),
+            config=obj.get("config"),
         )  # "partial" is derived from the suites
 
 
@@ -303,13 +314,22 @@ def unpaired_items(reference: TaskScore, other: TaskScore) -> list[str]:
 
 
 def write_results(path: str | Path, results: Results) -> None:
-    """Write atomically: a reader never sees a half-written file, a crash leaves the old one."""
+    """Write results.json atomically."""
+    write_json_atomic(path, results.to_json())
+
+
+def write_json_atomic(path: str | Path, obj: dict) -> None:
+    """Write JSON atomically: a reader never sees a half-written file, a crash leaves the old one.
+
+    NaN and infinity are refused (they are not JSON, and a number that is not finite must be
+    reported, never silently written).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".results-", suffix=".json", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".json", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(results.to_json(), fh, indent=1, allow_nan=False)
+            json.dump(obj, fh, indent=1, allow_nan=False)
             fh.flush()
             os.fsync(fh.fileno())
         umask = os.umask(0)

@@ -121,6 +121,7 @@ def run(request: RunRequest, progress: ProgressFn = no_progress) -> RunOutcome:
         outcome = RunOutcome(results_path=request.out_dir / RESULTS_NAME)
         for plan in plans[1:]:
             if plan.result.status == "invalid":
+                plan.result.error_code = EXIT_INVALID_INPUT
                 outcome.problems.append((plan.result.reason or plan.name, EXIT_INVALID_INPUT))
         todo = {(p.name, s) for p in plans for s, ident in p.identities.items() if not store.has(ident.key)}
         perplexity_suites = [s.name for s in request.suites]
@@ -290,6 +291,7 @@ def _fail(plan: ModelPlan, err: GateError, outcome: RunOutcome) -> None:
     plan.result.status = "error"
     plan.result.reason = str(err)
     code = EXIT_RUNTIME_FAILURE if isinstance(err, RunFailure) else EXIT_INVALID_INPUT
+    plan.result.error_code = code
     outcome.problems.append((str(err), code))
 
 
@@ -468,6 +470,7 @@ def _assemble(request, plans: list[ModelPlan], tasks, settings, store: ResultsSt
         checkpoints=[p.result for p in plans[1:]],
         suites=suites,
         warnings=list(request.scan.warnings) + list(request.warnings),
+        config=request.config_path,
     )
 
 
