@@ -81,9 +81,15 @@ def test_run_writes_results_and_prints_a_table(cli, world, tmp_path):
     assert lines[0] == "perplexity (lower is better)"
     assert lines[1].split() == ["model", "step", "text", "prompt", "messages", "long"]
     assert [line.split()[0] for line in lines[2:6]] == ["base", "run-a/checkpoint-2", "run-a/checkpoint-4", "untrained"]
-    assert lines[-2] == "computed 16 model x suite score(s), reused 0 from the store"
-    assert lines[-1] == f"results: {out / 'results.json'}"
-    assert (out / "results.json").is_file() and (out / "gate.sqlite").is_file()
+    assert lines[6] == "computed 16 model x suite score(s), reused 0 from the store"
+    assert lines[7] == f"results: {out / 'results.json'}"
+    # The default policy: no perplexity suite may rise by more than 5%.
+    assert lines[9] == "verdict: untrained may ship (untrained passes every gate and ranks first by text.perplexity)"
+    assert lines[10].split()[:3] == ["run-a/checkpoint-2", "FAIL", "text.perplexity:"]
+    assert "exceeds the +5.00% margin" in lines[10]
+    assert lines[12].split() == ["untrained", "pass"]
+    assert lines[13] == f"verdict: {out / 'verdict.json'}"
+    assert (out / "results.json").is_file() and (out / "gate.sqlite").is_file() and (out / "verdict.json").is_file()
     again = invoke(cli, "run", world.checkpoints, "--config", world.config, "--out", out, "--device", "cpu", "-q")
     assert again.exit_code == 0
     assert "computed 0 model x suite score(s), reused 16 from the store" in again.stdout
@@ -179,3 +185,49 @@ def test_demo_runs_on_the_tiny_example(cli, tmp_path):
     assert "demo done: the base and 6 checkpoints scored" in result.stdout
     again = invoke(cli, "demo", "--dir", demo, "--out", tmp_path / "out", "-q")
     assert "computed 0 model x suite score(s), reused 14 from the store" in again.stdout
+
+
+@pytest.fixture
+def ran(cli, world, tmp_path):
+    out = tmp_path / "out"
+    result = invoke(cli, "run", world.checkpoints, "--config", world.config, "--out", out, "--device", "cpu", "-q")
+    assert result.exit_code == 0
+    return out
+
+
+def test_check_reproduces_the_run_verdict(cli, ran):
+    first = json.loads((ran / "verdict.json").read_text())
+    result = invoke(cli, "check", ran)
+    assert result.exit_code == 0
+    again = json.loads((ran / "verdict.json").read_text())
+    first.pop("provenance"), again.pop("provenance")
+    assert again == first
+    assert first["selected"] == "untrained" and first["outcome"] == "selected"
+    assert [c["verdict"] for c in first["checkpoints"]] == ["fail", "fail", "pass"]
+    check = first["checkpoints"][0]["checks"][0]
+    assert {"suite", "metric", "base_value", "value", "delta", "low", "high", "p_value", "margin", "outcome", "reason"} <= set(check)
+
+
+def test_check_with_an_edited_policy_exits_1_when_nothing_may_ship(cli, world, ran, tmp_path):
+    strict = tmp_path / "strict.yaml"
+    strict.write_text(world.config.read_text() + "gates:\n  - {suite: prompt, metric: perplexity, min_decrease: 50%}\n")
+    result = invoke(cli, "check", ran, "--config", strict)
+    assert result.exit_code == 1
+    assert result.stdout.splitlines()[1].startswith("verdict: no candidate (no checkpoint passes every gate")
+    assert json.loads((ran / "verdict.json").read_text())["selected"] is None
+
+
+def test_check_with_an_invalid_policy_exits_2(cli, world, ran, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(world.config.read_text() + "gates:\n  - {suite: text, metric: acc, max_drop: 0.1}\n  - {suite: text, metric: perplexity, max_increase: -2%}\n")
+    result = invoke(cli, "check", ran, "--config", bad)
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"error: {bad}: 2 problems:")
+    assert "gates[0]: metric 'acc' of perplexity suite 'text' must be perplexity or bits_per_byte" in result.stderr
+    assert "gates[1].max_increase: must be 0 or more" in result.stderr
+
+
+def test_check_without_results_exits_2(cli, tmp_path):
+    result = invoke(cli, "check", tmp_path)
+    assert result.exit_code == 2
+    assert "results.json: not found; run `gate run` first" in result.stderr
