@@ -151,6 +151,28 @@ def check_command(out_dir: Path, config_path: Path | None) -> None:
     sys.exit(results.exit_code or verdict.exit_code)
 
 
+@main.command("bless")
+@click.argument("name", required=False)
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default="reports", show_default=True, help="Output folder holding results.json.")
+@_handle_errors
+def bless_command(name: str | None, out_dir: Path) -> None:
+    """Record checkpoint NAME (default: the verdict's selected one) as the current release.
+
+    Writes OUT/release.json; a policy with `reference: release` then gates every later
+    checkpoint against it as well as against the base.
+    """
+    from gate.release import bless, write_release
+    from gate.verdict import read_verdict
+
+    results = read_results(out_dir / "results.json")
+    if name is None:
+        name = read_verdict(out_dir / "verdict.json").selected
+        if name is None:
+            raise GateError(f"{out_dir / 'verdict.json'}: no checkpoint was selected; name the one you shipped")
+    path = write_release(out_dir, bless(results, name))
+    click.echo(f"blessed {name} as the current release: {path}")
+
+
 @main.command("demo")
 @click.option("--dir", "demo_dir", type=click.Path(path_type=Path), default=DEMO_DIR, show_default=True, help="Where the example models are built and cached.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default="reports/demo", show_default=True, help="Output folder.")
@@ -197,10 +219,13 @@ def _apply_policy(results, policy, config_path: str | None, out_dir: Path):
     from gate import policy as policy_engine
     from gate.verdict import write_verdict
 
+    from gate.release import read_release
+
     problems = policy_engine.validate(policy, results)
     if problems:
         raise ConfigError(config_path, problems)
-    verdict = policy_engine.evaluate(policy, results, np.random.default_rng(policy.seed))
+    release = read_release(out_dir) if policy.reference == "release" else None
+    verdict = policy_engine.evaluate(policy, results, np.random.default_rng(policy.seed), release)
     verdict.provenance = {
         "results": str(out_dir / "results.json"),
         "results_created_at": results.created_at,

@@ -22,6 +22,7 @@
       - {suite: arith, metric: acc, min: 0.6}                       # absolute floor
       - {suite: french, metric: perplexity, max_increase: 5%, informational: true}
     select: style.perplexity             # ranks the passing checkpoints
+    reference: release                   # also gate against the blessed release (or a checkpoint name)
     alpha: 0.05
     confirm: 0.5                         # select on half the items, certify on the other half
     device: auto                         # auto | cpu | cuda | cuda:N | mps
@@ -49,7 +50,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 SUITE_TYPES = ("perplexity", "lm_eval")
 TOP_KEYS = {
     "base", "suites", "device", "dtype", "batch_size", "max_length", "stride", "funnel",
-    "gates", "select", "alpha", "confirm", "seed", "bootstrap_iterations",
+    "gates", "select", "alpha", "confirm", "seed", "bootstrap_iterations", "reference",
 }
 GATE_BOUNDS = {
     # bound: (kind, which direction is harm for it: the metric must be lower-is-better or not)
@@ -154,6 +155,8 @@ class Policy:
     """Seed of the bootstrap's random numbers."""
     bootstrap_iterations: int = 10_000
     """Bootstrap replicates per comparison."""
+    reference: str | None = None
+    """Also gate against this: ``release`` (the blessed release) or a checkpoint's name. None: the base only."""
 
     @property
     def ranking(self) -> tuple[str, str]:
@@ -377,6 +380,7 @@ def _policy(raw: dict, suites: list[SuiteSpec], problems: list[str]) -> Policy:
     else:
         policy = Policy(gates=_gates(raw["gates"], suites, problems))
     policy.alpha, policy.confirm, policy.seed, policy.bootstrap_iterations = float(alpha), confirm, seed, iterations
+    policy.reference = _typed(raw, "reference", str, None, "", problems)
     select = raw.get("select")
     if select is not None:
         parsed = _suite_metric(select, suites, "select", problems)

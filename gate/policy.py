@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gate.config import LOWER_IS_BETTER, Gate, Policy
+from gate.errors import GateError
 from gate.results import ModelResult, Results
 from gate.stats import BinomialValue, PairedBinary, PairedBootstrap, ValueBootstrap, holm, minimum_detectable_effect
 from gate.verdict import VERDICT_SCHEMA_VERSION, Check, CheckpointVerdict, Verdict
@@ -35,7 +36,7 @@ from gate.verdict import VERDICT_SCHEMA_VERSION, Check, CheckpointVerdict, Verdi
 ROLLING = {"word_perplexity": ("words", "exp"), "byte_perplexity": ("bytes", "exp"), "bits_per_byte": ("bytes", "bits")}
 
 
-class PolicyError(ValueError):
+class PolicyError(GateError):
     """The policy cannot be applied to these results (a metric the suite lacks, unpaired items)."""
 
 
@@ -60,6 +61,8 @@ def validate(policy: Policy, results: Results) -> list[str]:
     named = [(f"gates[{i}]", g.suite, g.metric) for i, g in enumerate(policy.gates)]
     if policy.select:
         named.append(("select", *policy.select))
+    if policy.reference not in (None, "release") and not any(c.name == policy.reference for c in results.checkpoints):
+        problems.append(f"reference: no checkpoint named {policy.reference!r} in results.json; use `release` or a checkpoint's name")
     for where, suite, metric in named:
         if suite not in suites:
             problems.append(f"{where}: suite {suite!r} is not in results.json (suites: {', '.join(suites)}); re-run `gate run` with it")
@@ -74,13 +77,42 @@ def validate(policy: Policy, results: Results) -> list[str]:
     return problems
 
 
-def evaluate(policy: Policy, results: Results, rng: np.random.Generator) -> Verdict:
-    """Apply the policy to results.json's numbers."""
+@dataclass
+class Reference:
+    """What checkpoints are compared with: the base, and optionally a release or another checkpoint."""
+
+    label: str
+    """``base``, ``release:NAME`` or a checkpoint name (recorded as each check's ``against``)."""
+    model: ModelResult
+    """Its per-item scores."""
+    incomparable: set[str]
+    """Suites it was scored on under another identity (other data or settings): not paired."""
+
+
+def references(policy: Policy, results: Results, release=None) -> list[Reference]:
+    """The base, plus the policy's ``reference`` (``release`` needs the blessed release record)."""
+    refs = [Reference("base", results.base, set())]
+    if policy.reference == "release":
+        if release is None:
+            raise PolicyError("reference: release, but no release is blessed; run `gate bless NAME` first")
+        changed = {s.name for s in results.suites if release.suites.get(s.name) != s.identity}
+        refs.append(Reference(f"release:{release.name}", release.model, changed))
+    elif policy.reference:
+        found = next((c for c in results.checkpoints if c.name == policy.reference and c.status == "ok"), None)
+        if found is None:
+            raise PolicyError(f"reference: no scored checkpoint named {policy.reference!r} in results.json")
+        refs.append(Reference(found.name, found, set()))
+    return refs
+
+
+def evaluate(policy: Policy, results: Results, rng: np.random.Generator, release=None) -> Verdict:
+    """Apply the policy to results.json's numbers (and to the blessed release, when it is the reference)."""
     summary = _policy_summary(policy)
     if not policy.gates:
         return Verdict(VERDICT_SCHEMA_VERSION, None, "no_policy", "no gates configured: add `gates:` to gate.yaml", policy.alpha, summary, [])
     part = "select" if policy.confirm else None
-    verdicts = [_checkpoint(policy, results.base, ckpt, rng, part) for ckpt in results.checkpoints]
+    refs = references(policy, results, release)
+    verdicts = [_checkpoint(policy, refs, ckpt, rng, part) for ckpt in results.checkpoints]
     _decide(policy, [v for v in verdicts if v.verdict != "error"])
     for v in verdicts:
         _conclude(v)
@@ -91,7 +123,7 @@ def evaluate(policy: Policy, results: Results, rng: np.random.Generator) -> Verd
     ranked = sorted(passing, key=lambda vc: _rank_key(policy, results.base, vc[1], suite, metric, part))
     best, best_result = ranked[0]
     if policy.confirm:
-        certified = _checkpoint(policy, results.base, best_result, rng, "certify")
+        certified = _checkpoint(policy, refs, best_result, rng, "certify")
         _decide(policy, [certified])
         _conclude(certified)
         best.certification = certified.checks
@@ -102,19 +134,22 @@ def evaluate(policy: Policy, results: Results, rng: np.random.Generator) -> Verd
     return Verdict(VERDICT_SCHEMA_VERSION, best.name, "selected", reason, policy.alpha, summary, verdicts)
 
 
-def _checkpoint(policy: Policy, base: ModelResult, ckpt: ModelResult, rng, part: str | None) -> CheckpointVerdict:
+def _checkpoint(policy: Policy, refs: list[Reference], ckpt: ModelResult, rng, part: str | None) -> CheckpointVerdict:
     verdict = CheckpointVerdict(name=ckpt.name, step=ckpt.step, verdict="", reason="")
     if ckpt.status != "ok":
         verdict.verdict, verdict.reason = "error", f"{ckpt.status}: {ckpt.reason}"
         return verdict
-    for gate in policy.gates:
-        verdict.checks.append(_check(policy, gate, base, ckpt, rng, part))
+    for ref in refs:
+        for gate in policy.gates:
+            if gate.kind == "floor" and ref.label != "base":
+                continue  # a floor is about the checkpoint alone: checked once
+            verdict.checks.append(_check(policy, gate, ref, ckpt, rng, part))
     if any(c.outcome == "error" for c in verdict.checks if not c.informational):
         verdict.verdict = "error"
     return verdict
 
 
-def _check(policy: Policy, gate: Gate, base: ModelResult, ckpt: ModelResult, rng, part: str | None) -> Check:
+def _check(policy: Policy, gate: Gate, ref: Reference, ckpt: ModelResult, rng, part: str | None) -> Check:
     check = Check(
         suite=gate.suite,
         metric=gate.metric,
@@ -125,12 +160,17 @@ def _check(policy: Policy, gate: Gate, base: ModelResult, ckpt: ModelResult, rng
         informational=gate.informational,
         outcome="",
         reason="",
+        against=ref.label,
     )
+    if gate.suite in ref.incomparable:
+        check.outcome = "error"
+        check.reason = f"{ref.label} was scored on other data or settings for suite {gate.suite!r}; bless it again after a run that scores it"
+        return check
     if gate.suite in ckpt.skipped:
         check.outcome, check.reason = "skipped", f"not run on this checkpoint ({ckpt.skipped[gate.suite]})"
         return check
     try:
-        data = paired(gate.suite, gate.metric, base, ckpt)
+        data = paired(gate.suite, gate.metric, ref.model, ckpt)
         if part is not None:
             data = data.subset(_part_mask(data.ids, policy.confirm, part))
             if len(data.ids) == 0:
@@ -266,9 +306,13 @@ def _conclude(v: CheckpointVerdict) -> None:
         hit = [c for c in deciding if c.outcome == outcome]
         if hit:
             v.verdict = "inconclusive" if outcome == "skipped" else outcome
-            v.reason = f"{hit[0].suite}.{hit[0].metric}: {hit[0].reason}"
+            v.reason = f"{_prefix(hit[0])}{hit[0].suite}.{hit[0].metric}: {hit[0].reason}"
             return
     v.verdict, v.reason = "pass", "every gate passes"
+
+
+def _prefix(c: Check) -> str:
+    return "" if c.against == "base" else f"vs {c.against}: "
 
 
 def _rank_key(policy: Policy, base: ModelResult, ckpt: ModelResult, suite: str, metric: str, part: str | None):
@@ -345,4 +389,5 @@ def _policy_summary(policy: Policy) -> dict:
         "seed": policy.seed,
         "bootstrap_iterations": policy.bootstrap_iterations,
         "multiple_comparisons": "holm (guardrails and floors; objectives)",
+        "reference": policy.reference,
     }

@@ -61,6 +61,8 @@ class Check:
     """Paired items."""
     method: str = ""
     """bootstrap | mcnemar | binomial."""
+    against: str = "base"
+    """What the checkpoint is compared with: ``base``, or the reference (``release:NAME``, a checkpoint name)."""
 
 
 @dataclass

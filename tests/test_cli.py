@@ -231,3 +231,26 @@ def test_check_without_results_exits_2(cli, tmp_path):
     result = invoke(cli, "check", tmp_path)
     assert result.exit_code == 2
     assert "results.json: not found; run `gate run` first" in result.stderr
+
+
+def test_bless_then_gate_against_the_release(cli, world, ran, tmp_path):
+    result = invoke(cli, "bless", "--out", ran)
+    assert result.exit_code == 0 and result.stdout.strip() == f"blessed untrained as the current release: {ran / 'release.json'}"
+    config = tmp_path / "with-release.yaml"
+    config.write_text(world.config.read_text() + "reference: release\n")
+    result = invoke(cli, "check", ran, "--config", config)
+    assert result.exit_code == 0
+    verdict = json.loads((ran / "verdict.json").read_text())
+    untrained = verdict["checkpoints"][2]
+    assert {c["against"] for c in untrained["checks"]} == {"base", "release:untrained"}
+    assert verdict["policy"]["reference"] == "release"
+
+
+def test_bless_errors(cli, ran, tmp_path):
+    result = invoke(cli, "bless", "nope", "--out", ran)
+    assert result.exit_code == 2 and "no checkpoint 'nope' in results.json" in result.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "results.json").write_text((ran / "results.json").read_text())
+    result = invoke(cli, "check", empty, "--config", ran.parent / "missing.yaml")
+    assert result.exit_code == 2 and "file not found" in result.stderr

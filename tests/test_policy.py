@@ -266,3 +266,32 @@ def test_simulation_regression_at_twice_the_margin_is_caught():
         passes += outcome == "pass"
     assert fails / reps >= 0.8
     assert passes == 0
+
+
+def test_reference_checkpoint_adds_every_gate_against_it():
+    _, tokens, nll, _ = world()
+    base = model("base", nll=nll, tokens=tokens)
+    shipped = model("shipped", 1, nll=nll - tokens * 0.10, tokens=tokens)  # much better than the base
+    newer = model("newer", 2, nll=nll - tokens * 0.02, tokens=tokens)  # better than base, worse than shipped
+    verdict = evaluate(policy(PPL, reference="shipped"), results(base, [shipped, newer]), np.random.default_rng(0))
+    checks = {v.name: v.checks for v in verdict.checkpoints}
+    assert [c.against for c in checks["newer"]] == ["base", "shipped"]
+    assert [c.outcome for c in checks["newer"]] == ["pass", "fail"]
+    assert verdict.checkpoints[1].reason.startswith("vs shipped: general.perplexity:")
+    assert verdict.selected == "shipped"
+
+
+def test_release_reference_refuses_suites_scored_differently():
+    from gate.release import bless
+
+    _, tokens, nll, _ = world()
+    data = results(model("base", nll=nll, tokens=tokens), [model("c", 1, nll=nll, tokens=tokens)])
+    data.suites[0].identity = "v1"
+    release = bless(data, "c")
+    assert evaluate(policy(PPL, reference="release"), data, np.random.default_rng(0), release).selected == "c"
+    data.suites[0].identity = "v2"  # the suite's data changed since the blessing
+    verdict = evaluate(policy(PPL, reference="release"), data, np.random.default_rng(0), release)
+    against_release = verdict.checkpoints[0].checks[1]
+    assert against_release.against == "release:c" and against_release.outcome == "error"
+    assert "scored on other data or settings" in against_release.reason
+    assert verdict.selected is None
