@@ -8,12 +8,11 @@ checkpoint with the release as well as with the base, item by item.
 from __future__ import annotations
 
 import datetime as dt
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from gate.errors import GateError
-from gate.results import ModelResult, Results, write_json_atomic
+from gate.results import ModelResult, Results, read_versioned_json, write_json_atomic
 
 RELEASE_NAME = "release.json"
 RELEASE_SCHEMA_VERSION = 1
@@ -67,15 +66,12 @@ def write_release(out_dir: Path, release: Release) -> Path:
 
 
 def read_release(out_dir: Path) -> Release:
-    path = Path(out_dir) / RELEASE_NAME
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise GateError(f"{path}: no blessed release; run `gate bless NAME --out {out_dir}` for the checkpoint you shipped") from None
-    except (OSError, ValueError) as err:
-        raise GateError(f"{path}: unreadable ({err}); bless the release again") from None
-    if not isinstance(obj, dict) or obj.get("schema_version") != RELEASE_SCHEMA_VERSION:
-        raise GateError(f"{path}: not a release.json of schema {RELEASE_SCHEMA_VERSION}; bless the release again")
+    obj = read_versioned_json(
+        Path(out_dir) / RELEASE_NAME,
+        RELEASE_SCHEMA_VERSION,
+        f"no blessed release; run `gate bless NAME --out {out_dir}` for the checkpoint you shipped",
+        "bless the release again",
+    )
     return Release(
         name=obj["name"],
         weights_hash=obj.get("weights_hash"),

@@ -341,21 +341,26 @@ def write_json_atomic(path: str | Path, obj: dict) -> None:
         raise
 
 
-def read_results(path: str | Path) -> Results:
-    """Read results.json; refuses unknown schema versions with a message saying what to do."""
+def read_versioned_json(path: str | Path, version: int, missing: str, fix: str) -> dict:
+    """Read one of gate's JSON documents; refuse a missing, unreadable or other-version file."""
     path = Path(path)
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise GateError(f"{path}: not found; run `gate run` first to produce it") from None
+        raise GateError(f"{path}: {missing}") from None
     except (OSError, ValueError) as err:
-        raise GateError(f"{path}: unreadable ({err}); re-run `gate run` to rewrite it") from None
-    version = obj.get("schema_version") if isinstance(obj, dict) else None
-    if version != SCHEMA_VERSION:
-        raise GateError(
-            f"{path}: schema_version {version!r} is not {SCHEMA_VERSION}; it was written by another gate "
-            "version: re-run `gate run` with this one, or use the gate version that wrote it"
-        )
+        raise GateError(f"{path}: unreadable ({err}); {fix}") from None
+    found = obj.get("schema_version") if isinstance(obj, dict) else None
+    if found != version:
+        raise GateError(f"{path}: schema_version {found!r} is not {version}; it was written by another gate version: {fix}")
+    return obj
+
+
+def read_results(path: str | Path) -> Results:
+    """Read results.json; refuses unknown schema versions with a message saying what to do."""
+    obj = read_versioned_json(
+        path, SCHEMA_VERSION, "not found; run `gate run` first to produce it", "re-run `gate run` to rewrite it"
+    )
     try:
         return Results.from_json(obj)
     except (KeyError, TypeError) as err:

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from gate.errors import GateError
-from gate.results import write_json_atomic
+from gate.results import read_versioned_json, write_json_atomic
 
 VERDICT_SCHEMA_VERSION = 1
 OUTCOMES = ("selected", "no_candidate", "not_certified", "no_policy")
@@ -133,13 +131,7 @@ def write_verdict(path: str | Path, verdict: Verdict) -> None:
 
 
 def read_verdict(path: str | Path) -> Verdict:
-    path = Path(path)
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise GateError(f"{path}: not found; run `gate run` or `gate check` first") from None
-    except (OSError, ValueError) as err:
-        raise GateError(f"{path}: unreadable ({err}); re-run `gate check` to rewrite it") from None
-    if not isinstance(obj, dict) or obj.get("schema_version") != VERDICT_SCHEMA_VERSION:
-        raise GateError(f"{path}: not a verdict.json of schema {VERDICT_SCHEMA_VERSION}; re-run `gate check`")
+    obj = read_versioned_json(
+        path, VERDICT_SCHEMA_VERSION, "not found; run `gate run` or `gate check` first", "re-run `gate check` to rewrite it"
+    )
     return Verdict.from_json(obj)
