@@ -151,6 +151,18 @@ def check_command(out_dir: Path, config_path: Path | None) -> None:
     sys.exit(results.exit_code or verdict.exit_code)
 
 
+@main.command("report")
+@click.argument("out_dir", metavar="OUT", type=click.Path(path_type=Path))
+@_handle_errors
+def report_command(out_dir: Path) -> None:
+    """Regenerate OUT/report.html, summary.md and junit.xml from results.json + verdict.json (no GPU)."""
+    from gate.verdict import read_verdict
+
+    results = read_results(out_dir / "results.json")
+    verdict = read_verdict(out_dir / "verdict.json")
+    _write_reports(results, verdict, out_dir)
+
+
 @main.command("bless")
 @click.argument("name", required=False)
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default="reports", show_default=True, help="Output folder holding results.json.")
@@ -235,7 +247,15 @@ def _apply_policy(results, policy, config_path: str | None, out_dir: Path):
     }
     write_verdict(out_dir / "verdict.json", verdict)
     _print_verdict(verdict, out_dir / "verdict.json")
+    _write_reports(results, verdict, out_dir)
     return verdict
+
+
+def _write_reports(results, verdict, out_dir: Path) -> None:
+    from gate.report import write_reports
+
+    paths = write_reports(results, verdict, out_dir)
+    click.echo(f"report: {paths['html']}  (also {paths['markdown'].name}, {paths['junit'].name})")
 
 
 def _print_verdict(verdict, path: Path) -> None:

@@ -100,6 +100,8 @@ class ItemScore:
     """lm-eval's hash of the prompt; base and checkpoint must agree before items are paired."""
     values: dict[str, float]
     """Metric -> value (acc, acc_norm, exact_match...); rolling tasks: loglikelihood, words, bytes."""
+    excerpt: str = ""
+    """The end of the prompt and the target, for reports."""
 
 
 @dataclass
@@ -210,6 +212,8 @@ class SuiteInfo:
     """lm_eval: few-shot examples per prompt (None: the task's default)."""
     versions: dict = field(default_factory=dict)
     """lm_eval: task versions."""
+    excerpts: dict[str, str] = field(default_factory=dict)
+    """perplexity: document id -> a short excerpt of its text, for reports."""
 
 
 @dataclass

@@ -19,7 +19,7 @@ from gate.hashing import sha256_json
 from gate.results import DocumentScore, ItemScore, SuiteScore, TaskScore
 
 STORE_NAME = "gate.sqlite"
-STORE_SCHEMA = 1
+STORE_SCHEMA = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -69,6 +69,7 @@ CREATE TABLE IF NOT EXISTS item_scores (
     doc_id TEXT NOT NULL,
     prompt_hash TEXT NOT NULL,
     values_json TEXT NOT NULL,
+    excerpt TEXT NOT NULL,
     PRIMARY KEY (score_key, position)
 );
 """
@@ -203,7 +204,7 @@ class ResultsStore:
             (json.dumps(header),),
             provenance,
             "item_scores",
-            [(key, i, it.id, it.prompt_hash, json.dumps(it.values)) for i, it in enumerate(score.items)],
+            [(key, i, it.id, it.prompt_hash, json.dumps(it.values), it.excerpt) for i, it in enumerate(score.items)],
         )
 
     def _replace(self, table, identity, suite, values: tuple, provenance, detail_table, detail_rows) -> None:
@@ -235,9 +236,10 @@ class ResultsStore:
         if row is None:
             return None
         items = [
-            ItemScore(id=doc_id, prompt_hash=prompt_hash, values=json.loads(values))
-            for doc_id, prompt_hash, values in self._conn.execute(
-                "SELECT doc_id, prompt_hash, values_json FROM item_scores WHERE score_key=? ORDER BY position", (key,)
+            ItemScore(id=doc_id, prompt_hash=prompt_hash, values=json.loads(values), excerpt=excerpt)
+            for doc_id, prompt_hash, values, excerpt in self._conn.execute(
+                "SELECT doc_id, prompt_hash, values_json, excerpt FROM item_scores WHERE score_key=? ORDER BY position",
+                (key,),
             )
         ]
         return TaskScore(**{**json.loads(row[0]), "items": items})

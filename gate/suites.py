@@ -43,6 +43,16 @@ class Document:
     line: int = 0
     """1-based line number in the suite file, for messages that point at the data."""
 
+    def excerpt(self, limit: int = 240) -> str:
+        """A short text for reports: the text, the prompt and completion, or the conversation."""
+        if self.shape == "text":
+            full = self.text
+        elif self.shape == "prompt":
+            full = f"{self.prompt} ⟶ {self.completion}"
+        else:
+            full = " | ".join(f"{m['role']}: {m['content']}" for m in self.messages)
+        return full if len(full) <= limit else full[: limit - 1] + "…"
+
 
 @dataclass
 class Suite:

@@ -97,5 +97,5 @@ def test_store_from_another_schema_version(tmp_path):
     conn.execute("UPDATE meta SET value='99' WHERE key='schema'")
     conn.commit()
     conn.close()
-    with pytest.raises(RunFailure, match="store schema 99 is not 1"):
+    with pytest.raises(RunFailure, match="store schema 99 is not 2"):
         ResultsStore(path)

@@ -175,7 +175,9 @@ def task_score(suite: str, prepared: PreparedTask, out: dict) -> TaskScore:
     for leaf in sorted(samples):
         for sample in samples[leaf]:
             doc_id = f"{leaf}/{sample['doc_id']}" if several else str(sample["doc_id"])
-            item = items.setdefault(doc_id, ItemScore(id=doc_id, prompt_hash=sample["prompt_hash"], values={}))
+            item = items.setdefault(
+                doc_id, ItemScore(id=doc_id, prompt_hash=sample["prompt_hash"], values={}, excerpt=_excerpt(sample))
+            )
             suffix = "" if sample.get("filter", "none") == "none" else f",{sample['filter']}"
             for metric in sample.get("metrics", []):
                 _record(item.values, metric, suffix, sample.get(metric))
@@ -207,6 +209,16 @@ def _record(values: dict, metric: str, suffix: str, value) -> None:
         # Rolling log-likelihood metrics carry (loglikelihood, words or bytes) per document.
         values["loglikelihood" + suffix] = float(value[0])
         values[("words" if metric.startswith("word") else "bytes") + suffix] = float(value[1])
+
+
+def _excerpt(sample: dict, limit: int = 240) -> str:
+    """The end of the prompt (where the question is) and the target, for reports."""
+    arguments = sample.get("arguments") or []
+    first = arguments[0] if arguments else ()
+    prompt = str(first[0]) if isinstance(first, (tuple, list)) and first else str(first)
+    target = sample.get("target")
+    text = prompt if len(prompt) <= limit else "…" + prompt[-(limit - 1) :]
+    return f"{text} ⟶ {target}" if target not in (None, "") else text
 
 
 def _natural(text: str) -> list:

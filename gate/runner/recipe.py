@@ -441,6 +441,7 @@ def _assemble(request, plans: list[ModelPlan], tasks, settings, store: ResultsSt
             documents=len(s.documents),
             chat_template=s.chat_template,
             limit=s.options.get("limit"),
+            excerpts={d.id: d.excerpt() for d in s.documents},
         )
         for s in request.suites
     ] + [

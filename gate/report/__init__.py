@@ -1,0 +1,30 @@
+"""Reports people read and machines parse, from results.json + verdict.json alone (no GPU, no torch).
+
+``write_reports`` writes OUT/report.html (one self-contained file), OUT/summary.md (for
+$GITHUB_STEP_SUMMARY and PR comments) and OUT/junit.xml (one test case per checkpoint x check).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gate.report.html import render_html
+from gate.report.junit import render_junit
+from gate.report.markdown import MARKER, render_markdown
+from gate.report.view import ReportView, build_view
+from gate.results import Results
+from gate.verdict import Verdict
+
+__all__ = ["MARKER", "ReportView", "build_view", "render_html", "render_junit", "render_markdown", "write_reports"]
+
+
+def write_reports(results: Results, verdict: Verdict, out_dir: str | Path) -> dict[str, Path]:
+    """Render every report into ``out_dir``; returns their paths by kind."""
+    out_dir = Path(out_dir)
+    view = build_view(results, verdict)
+    paths = {"html": out_dir / "report.html", "markdown": out_dir / "summary.md", "junit": out_dir / "junit.xml"}
+    for kind, text in (("html", render_html(view)), ("markdown", render_markdown(view)), ("junit", render_junit(view))):
+        tmp = paths[kind].with_suffix(paths[kind].suffix + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(paths[kind])  # atomic: a reader never sees half a report
+    return paths

@@ -1,0 +1,38 @@
+"""summary.md: a short Markdown summary for $GITHUB_STEP_SUMMARY and PR comments."""
+
+from __future__ import annotations
+
+from gate.report.view import MARKS, ReportView
+
+MARKER = "<!-- gate-report -->"  # a PR comment carrying it is updated in place, not duplicated
+MAX_BYTES = 60_000  # GitHub allows 65,536 characters in a comment and 1 MiB per step summary
+EMOJI = {"pass": "✅", "fail": "❌", "inconclusive": "⚠️", "skipped": "⏭️", "error": "💥", "": ""}
+
+
+def render_markdown(view: ReportView, report_name: str = "report.html") -> str:
+    verdict = view.verdict
+    head = [MARKER]
+    if verdict.selected:
+        head.append(f"## gate: ✅ `{verdict.selected}` may ship")
+    else:
+        head.append("## gate: ❌ no checkpoint may ship")
+    head += ["", _escape(verdict.reason), ""]
+    head += [f"> {_escape(note)}" for note in view.notes]
+    table = ["| checkpoint | step | verdict | " + " | ".join(_escape(c.title) for c in view.columns) + " |"]
+    table.append("| --- | --- | --- | " + " | ".join("---" for _ in view.columns) + " |")
+    for row in view.rows:
+        name = f"**`{row.name}`** ★" if row.selected else f"`{row.name}`"
+        cells = [f"{EMOJI[c.outcome]} {_escape(c.value)}" for c in row.cells]
+        verdict_cell = f"{EMOJI.get(row.verdict, '')} {MARKS.get(row.verdict, ('', row.verdict))[1]}"
+        table.append(f"| {name} | {row.step if row.step is not None else '—'} | {verdict_cell} | " + " | ".join(cells) + " |")
+    tail = ["", "Policy: " + "; ".join(f"`{g}`" for g in verdict.policy.get("gates", [])), ""]
+    tail.append(f"Full report with plots and per-document drill-down: `{report_name}` (in the run's output folder or CI artifact).")
+    body = "\n".join(head + table + tail) + "\n"
+    while len(body.encode()) > MAX_BYTES and len(table) > 3:
+        table.pop()  # keep the summary under GitHub's limits: drop rows from the end
+        body = "\n".join(head + table + ["", f"_… table cut to {len(table) - 2} rows; see the full report._"] + tail) + "\n"
+    return body
+
+
+def _escape(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")

@@ -1,0 +1,124 @@
+"""Plots for the HTML report, drawn with matplotlib and embedded as data URIs (self-contained)."""
+
+from __future__ import annotations
+
+import base64
+import io
+from dataclasses import dataclass
+
+from gate.report.view import ReportView, finite, run_of
+
+
+@dataclass
+class Plot:
+    """One figure of the report."""
+
+    title: str
+    """Caption."""
+    data_uri: str
+    """The SVG, as a data: URI (no file or host is requested when the report opens)."""
+
+
+def build_plots(view: ReportView) -> list[Plot]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"svg.hashsalt": "gate", "font.size": 9})  # stable SVG ids
+    plots = []
+    for column in view.columns:
+        if column.key[0] != "base":
+            continue
+        figure = _metric_plot(plt, view, column)
+        if figure is not None:
+            plots.append(Plot(column.title, _to_uri(plt, figure)))
+    loss = _loss_plot(plt, view)
+    if loss is not None:
+        plots.append(Plot("training and evaluation loss logged by the Trainer", _to_uri(plt, loss)))
+    return plots
+
+
+def _metric_plot(plt, view: ReportView, column):
+    against, suite, metric, bound, margin = column.key
+    points: dict[str, list] = {}
+    base_value = None
+    for verdict in view.verdict.checkpoints:
+        check = next((c for c in verdict.checks if (c.against, c.suite, c.metric, c.bound, c.margin) == column.key), None)
+        if check is None or verdict.step is None or not finite(check.value):
+            continue
+        low, high = _value_bounds(check)
+        points.setdefault(run_of(verdict.name), []).append((verdict.step, check.value, low, high, verdict.name))
+        if finite(check.base_value):
+            base_value = check.base_value
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 3.2), dpi=100)
+    for run, rows in sorted(points.items()):
+        rows.sort()
+        steps = [r[0] for r in rows]
+        ax.plot(steps, [r[1] for r in rows], marker="o", label=run)
+        ax.fill_between(steps, [r[2] for r in rows], [r[3] for r in rows], alpha=0.2)
+        for step, value, _, _, name in rows:
+            if name == view.verdict.selected:
+                ax.plot([step], [value], marker="*", markersize=16, color="black", linestyle="none", label="selected")
+    if base_value is not None:
+        ax.axhline(base_value, color="grey", linestyle="--", linewidth=1, label="base")
+        limit = _limit(base_value, bound, margin, column.relative)
+        if limit is not None:
+            ax.axhline(limit, color="#c0392b", linestyle=":", linewidth=1, label="margin")
+    elif bound in ("min", "max"):
+        ax.axhline(margin, color="#c0392b", linestyle=":", linewidth=1, label=bound)
+    values = [r[1] for rows in points.values() for r in rows] + ([base_value] if base_value else [])
+    if min(values) > 0 and max(values) / min(values) > 10:
+        ax.set_yscale("log")  # one collapsed run must not flatten the others and the base line
+    ax.set_xlabel("training step")
+    ax.set_ylabel(metric)
+    ax.set_title(column.title)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def _value_bounds(check) -> tuple[float, float]:
+    if check.kind == "floor":
+        return check.low, check.high
+    if check.relative:
+        return check.base_value * (1 + check.low), check.base_value * (1 + check.high)
+    return check.base_value + check.low, check.base_value + check.high
+
+
+def _limit(base: float, bound: str, margin: float, relative: bool) -> float | None:
+    """Where the margin lies on the metric's own scale."""
+    sign = {"max_increase": 1, "max_drop": -1, "min_decrease": -1, "min_gain": 1}.get(bound)
+    if sign is None:
+        return None
+    return base * (1 + sign * margin) if relative else base + sign * margin
+
+
+def _loss_plot(plt, view: ReportView):
+    runs: dict[str, list] = {}
+    for ckpt in view.results.checkpoints:
+        if ckpt.step is not None and (ckpt.train_loss is not None or ckpt.eval_loss is not None):
+            runs.setdefault(run_of(ckpt.name), []).append((ckpt.step, ckpt.train_loss, ckpt.eval_loss))
+    if not runs:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 3.2), dpi=100)
+    for run, rows in sorted(runs.items()):
+        rows.sort()
+        for index, kind in ((1, "train"), (2, "eval")):
+            pairs = [(r[0], r[index]) for r in rows if r[index] is not None]
+            if pairs:
+                ax.plot(*zip(*pairs), marker="o", linestyle="-" if kind == "train" else "--", label=f"{run} {kind}")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("loss")
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def _to_uri(plt, fig) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="svg", metadata={"Date": None})
+    plt.close(fig)
+    return "data:image/svg+xml;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")

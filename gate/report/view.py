@@ -1,0 +1,269 @@
+"""What the reports show, computed once from results.json + verdict.json (no torch, no I/O)."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+
+from gate.config import LOWER_IS_BETTER
+from gate.results import ModelResult, Results
+from gate.verdict import Check, CheckpointVerdict, Verdict
+
+MARKS = {
+    "pass": ("✓", "pass"),
+    "fail": ("✗", "FAIL"),
+    "inconclusive": ("?", "inconclusive"),
+    "skipped": ("–", "skipped"),
+    "error": ("!", "ERROR"),
+}
+
+
+@dataclass
+class Column:
+    """One check of the policy, as a column of the summary table."""
+
+    key: tuple
+    """(against, suite, metric, bound) identifying the check across checkpoints."""
+    title: str
+    """Header text, e.g. ``known-good.perplexity max increase 2%``."""
+    informational: bool
+    """Reported only."""
+    relative: bool = False
+    """The margin is relative to the base's value."""
+
+
+@dataclass
+class Cell:
+    """One checkpoint x check."""
+
+    outcome: str
+    """pass | fail | inconclusive | skipped | error (or '' when the check is absent)."""
+    mark: str
+    """A text mark that does not rely on colour."""
+    value: str
+    """The checkpoint's value and its change: '3.62 (+4.6% [+4.2%, +5.0%])'."""
+    reason: str
+    """The check's one-line reason."""
+
+
+@dataclass
+class Row:
+    """One checkpoint of the summary table."""
+
+    name: str
+    step: int | None
+    verdict: str
+    mark: str
+    reason: str
+    selected: bool
+    cells: list[Cell]
+    weights_hash: str | None
+
+
+@dataclass
+class DocumentChange:
+    """A perplexity document, base vs checkpoint."""
+
+    id: str
+    excerpt: str
+    base: float
+    """Base NLL per token."""
+    checkpoint: float
+    """Checkpoint NLL per token."""
+
+    @property
+    def delta(self) -> float:
+        return self.checkpoint - self.base
+
+
+@dataclass
+class ItemFlip:
+    """An lm-eval item whose correctness changed."""
+
+    id: str
+    excerpt: str
+
+
+@dataclass
+class DrillDown:
+    """Why a checkpoint is where it is: its worst documents and flipped items."""
+
+    name: str
+    verdict: str
+    reason: str
+    documents: dict[str, list[DocumentChange]] = field(default_factory=dict)
+    """Perplexity suite -> documents whose NLL per token rose most."""
+    lost: dict[str, list[ItemFlip]] = field(default_factory=dict)
+    """lm-eval suite -> items right for the base, wrong for the checkpoint."""
+    gained: dict[str, list[ItemFlip]] = field(default_factory=dict)
+    """lm-eval suite -> items wrong for the base, right for the checkpoint."""
+
+
+@dataclass
+class ReportView:
+    """Everything the HTML, Markdown and JUnit reports show."""
+
+    verdict: Verdict
+    results: Results
+    columns: list[Column]
+    rows: list[Row]
+    drilldowns: list[DrillDown]
+    notes: list[str]
+    provenance: list[tuple[str, str]]
+
+
+def build_view(results: Results, verdict: Verdict, top: int = 5, flips: int = 10) -> ReportView:
+    columns = _columns(verdict)
+    rows = [_row(v, results, columns, verdict.selected) for v in verdict.checkpoints]
+    by_name = {c.name: c for c in results.checkpoints}
+    drilldowns = [
+        _drilldown(v, results.base, by_name[v.name], results, top, flips) for v in verdict.checkpoints if v.name in by_name
+    ]
+    return ReportView(verdict, results, columns, rows, drilldowns, _notes(results, verdict), _provenance(results, verdict))
+
+
+def _columns(verdict: Verdict) -> list[Column]:
+    seen: dict[tuple, Column] = {}
+    for v in verdict.checkpoints:
+        for c in v.checks:
+            key = _key(c)
+            if key not in seen:
+                margin = f"{c.margin * 100:g}%" if c.relative else f"{c.margin:g}"
+                against = "" if c.against == "base" else f" vs {c.against}"
+                title = f"{c.suite}.{c.metric} {c.bound.replace('_', ' ')} {margin}{against}"
+                seen[key] = Column(key, title, c.informational, c.relative)
+    return list(seen.values())
+
+
+def _key(c: Check) -> tuple:
+    return (c.against, c.suite, c.metric, c.bound, c.margin)
+
+
+def _row(v: CheckpointVerdict, results: Results, columns: list[Column], selected: str | None) -> Row:
+    checks = {_key(c): c for c in v.checks}
+    cells = []
+    for column in columns:
+        c = checks.get(column.key)
+        if c is None:
+            cells.append(Cell("", "", "—", "not checked"))
+            continue
+        cells.append(Cell(c.outcome, MARKS[c.outcome][0], format_value(c), c.reason))
+    ckpt = next((m for m in results.checkpoints if m.name == v.name), None)
+    return Row(
+        name=v.name,
+        step=v.step,
+        verdict=v.verdict,
+        mark=MARKS.get(v.verdict, ("", v.verdict))[0],
+        reason=v.reason,
+        selected=v.name == selected,
+        cells=cells,
+        weights_hash=ckpt.weights_hash if ckpt else None,
+    )
+
+
+def format_value(c: Check) -> str:
+    if c.value is None:
+        return "—"
+    if c.kind == "floor":
+        return f"{c.value:.4g} [{c.low:.4g}, {c.high:.4g}]"
+    if c.relative:
+        change = f"{c.effect * 100:+.1f}% [{c.low * 100:+.1f}%, {c.high * 100:+.1f}%]"
+    else:
+        change = f"{c.effect:+.3g} [{c.low:+.3g}, {c.high:+.3g}]"
+    return f"{c.value:.4g} ({change})"
+
+
+def _drilldown(v: CheckpointVerdict, base: ModelResult, ckpt: ModelResult, results: Results, top: int, flips: int) -> DrillDown:
+    down = DrillDown(v.name, v.verdict, v.reason)
+    suites = {s.name: s for s in results.suites}
+    for name, score in ckpt.scores.items():
+        if name not in base.scores:
+            continue
+        base_docs = {d.id: d for d in base.scores[name].documents}
+        changes = [
+            DocumentChange(d.id, suites[name].excerpts.get(d.id, ""), base_docs[d.id].nll / d.tokens, d.nll / d.tokens)
+            for d in score.documents
+            if d.id in base_docs and d.tokens
+        ]
+        changes.sort(key=lambda c: c.delta, reverse=True)
+        down.documents[name] = [c for c in changes[:top] if c.delta > 0]
+    for name, task in ckpt.tasks.items():
+        reference = base.tasks.get(name)
+        metric = task.metric
+        if reference is None or metric in LOWER_IS_BETTER:
+            continue
+        base_items = {i.id: i for i in reference.items}
+        lost, gained = [], []
+        for item in task.items:
+            b = base_items.get(item.id)
+            if b is None or metric not in item.values or metric not in b.values:
+                continue
+            if b.values[metric] == 1 and item.values[metric] == 0:
+                lost.append(ItemFlip(item.id, item.excerpt))
+            elif b.values[metric] == 0 and item.values[metric] == 1:
+                gained.append(ItemFlip(item.id, item.excerpt))
+        down.lost[name], down.gained[name] = lost[:flips], gained[:flips]
+    return down
+
+
+def run_of(name: str) -> str:
+    """The run a checkpoint belongs to: the folder holding its checkpoint-N folder."""
+    path = PurePosixPath(name)
+    return str(path.parent) if re.fullmatch(r"checkpoint-\d+", path.name) else name
+
+
+def _notes(results: Results, verdict: Verdict) -> list[str]:
+    notes = []
+    if results.partial:
+        notes.append("Partial results: suites were capped by a limit; these numbers are for a quick look only.")
+    if verdict.selected:
+        chosen = next(c for c in results.checkpoints if c.name == verdict.selected)
+        run = run_of(chosen.name)
+        steps = sorted(c.step for c in results.checkpoints if run_of(c.name) == run and c.step is not None)
+        if chosen.step is not None and len(steps) > 1:
+            if chosen.step == steps[-1]:
+                notes.append(
+                    f"The selected checkpoint is the last one its run saved (step {chosen.step}): the run may still be "
+                    "improving. Train longer or save more checkpoints to find the best one."
+                )
+            elif chosen.step == steps[0]:
+                notes.append(
+                    f"The selected checkpoint is the first one its run saved (step {chosen.step}): later ones regressed, and "
+                    "an earlier one may be better still. Save checkpoints more often early in training."
+                )
+    skipped = sorted({s for c in results.checkpoints for s in c.skipped})
+    if skipped:
+        notes.append(f"The funnel skipped {', '.join(skipped)} on some checkpoints; they cannot pass gates on those suites.")
+    return notes
+
+
+def _provenance(results: Results, verdict: Verdict) -> list[tuple[str, str]]:
+    s = results.settings
+    rows = [
+        ("base model", f"{results.base.path}"),
+        ("base weights sha256", results.base.weights_hash or "—"),
+        ("tokenizer sha256", s.tokenizer_hash),
+        ("device / dtype", f"{s.device} / {s.dtype}"),
+        ("batch size / max length / stride", f"{s.batch_size} / {s.max_length} / {s.stride}"),
+        ("scoring", s.scoring),
+        ("seeds", ", ".join(f"{k}={v}" for k, v in s.seeds.items()) or "—"),
+        ("policy seed / bootstrap", f"{verdict.policy.get('seed')} / {verdict.policy.get('bootstrap_iterations')} replicates"),
+        ("versions", ", ".join(f"{k} {v}" for k, v in {"gate": results.gate_version, **results.versions}.items())),
+        ("results written", results.created_at),
+        ("verdict written", str(verdict.provenance.get("created_at", "—"))),
+        ("command", results.command or "—"),
+    ]
+    for suite in results.suites:
+        detail = f"{suite.type}, {suite.documents} documents, data sha256 {suite.data_hash[:16]}…"
+        if suite.num_fewshot is not None:
+            detail += f", {suite.num_fewshot}-shot"
+        if suite.limit is not None:
+            detail += f", limit {suite.limit}"
+        rows.append((f"suite {suite.name}", detail))
+    return rows
+
+
+def finite(x: float | None) -> bool:
+    return x is not None and math.isfinite(x)

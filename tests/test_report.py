@@ -1,0 +1,203 @@
+"""Reports from results + verdict: structure, escaping, self-containment, a real browser."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gate.config import Gate, Policy
+from gate.policy import evaluate
+from gate.report import MARKER, build_view, render_html, render_junit, render_markdown, write_reports
+from gate.results import DocumentScore, ItemScore, ModelResult, Results, RunSettings, SuiteInfo, SuiteScore, TaskScore
+
+EVIL = "<script>alert('gate')</script><img src=x onerror=alert(1)>"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def make_results(n_checkpoints: int = 4, n_docs: int = 60, seed: int = 0) -> Results:
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(20, 80, n_docs)
+    nll = tokens * rng.normal(2.5, 0.2, n_docs)
+    correct = (rng.random(n_docs) < 0.7).astype(float)
+
+    def model(name, step, drift, flips):
+        m = ModelResult(name=name, kind="base" if name == "base" else "lora", path=f"/ckpts/{name}", step=step, weights_hash="ab" * 32)
+        m.scores["general"] = SuiteScore.from_documents(
+            "general", [DocumentScore(f"d{i}", float(x + t * drift), int(t), int(t) * 4) for i, (x, t) in enumerate(zip(nll, tokens))]
+        )
+        c = correct.copy()
+        c[np.flatnonzero(c == 1)[:flips]] = 0
+        items = [ItemScore(str(i), f"p{i}", {"acc": float(v)}, excerpt=f"Question {i} {EVIL}") for i, v in enumerate(c)]
+        m.tasks["quiz"] = TaskScore("quiz", "quiz", "acc", {"acc": float(c.mean())}, items)
+        if step is not None:
+            m.train_loss, m.eval_loss = 2.0 - step / 1000, 2.1 - step / 1200
+        return m
+
+    checkpoints = [model(f"run-{EVIL}/checkpoint-{100 * (k + 1)}", 100 * (k + 1), 0.01 * k - 0.01, 3 * k) for k in range(n_checkpoints)]
+    return Results(
+        schema_version=1,
+        gate_version="0.1.0",
+        created_at="2026-11-23T00:00:00+00:00",
+        command="gate run ckpts",
+        versions={"torch": "2.13.0"},
+        settings=RunSettings("cpu", "float32", 8, 128, 64, "ppl-1", "t" * 64, "0.4.13", {"random_seed": 0}),
+        base=model("base", None, 0.0, 0),
+        checkpoints=checkpoints,
+        suites=[
+            SuiteInfo("general", "perplexity", "/s.jsonl", "d" * 64, "i", n_docs, True, excerpts={f"d{i}": f"Doc {i} {EVIL}" for i in range(n_docs)}),
+            SuiteInfo("quiz", "lm_eval", "quiz.yaml", "e" * 64, "j", n_docs, False, metric="acc", num_fewshot=0),
+        ],
+    )
+
+
+POLICY = Policy(
+    gates=[Gate("general", "perplexity", "max_increase", 0.02, relative=True), Gate("quiz", "acc", "max_drop", 0.05)],
+    bootstrap_iterations=500,
+)
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory):
+    results = make_results()
+    verdict = evaluate(POLICY, results, np.random.default_rng(0))
+    out = tmp_path_factory.mktemp("report")
+    paths = write_reports(results, verdict, out)
+    return results, verdict, paths
+
+
+def test_html_structure(rendered):
+    results, verdict, paths = rendered
+    html = paths["html"].read_text()
+    assert html.startswith("<!DOCTYPE html>")
+    assert 'id="verdict"' in html and 'id="policy"' in html and 'id="provenance"' in html
+    assert len(re.findall(r'<tr class="checkpoint', html)) == len(results.checkpoints)
+    assert len(re.findall(r'<details class="drilldown"', html)) == len(results.checkpoints)
+    assert len(re.findall(r'<figure class="plot"><img src="data:image/svg\+xml;base64,', html)) == 3  # 2 gates + loss
+    if verdict.selected:
+        assert "Release candidate" in html and "★ selected" in html
+    else:
+        assert "No checkpoint may ship" in html
+    for gate in verdict.policy["gates"]:
+        assert f"<li><code>{gate}</code></li>" in html
+    assert results.base.weights_hash in html and "float32" in html and "gate run ckpts" in html
+
+
+def test_html_escapes_every_string_from_data(rendered):
+    html = rendered[2]["html"].read_text()
+    assert "<script" not in html.lower()  # not one script element: not ours, not the data's
+    assert "<img src=x" not in html and "&lt;img src=x onerror=alert(1)&gt;" in html
+    assert "&lt;script&gt;alert(&#39;gate&#39;)&lt;/script&gt;" in html
+
+
+def test_html_is_self_contained(rendered):
+    html = rendered[2]["html"].read_text()
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//)""", html)
+    assert "<link" not in html and "@import" not in html and "url(" not in html
+
+
+def test_junit_is_valid_xml_with_one_case_per_check(rendered):
+    _, verdict, paths = rendered
+    root = ET.parse(paths["junit"]).getroot()
+    cases = root.findall(".//testcase")
+    assert len(cases) == sum(len(v.checks) for v in verdict.checkpoints)
+    fails = sum(c.outcome == "fail" for v in verdict.checkpoints for c in v.checks)
+    assert int(root.get("failures")) == fails == len(root.findall(".//failure"))
+    assert {s.get("name") for s in root.findall("testsuite")} == {v.name for v in verdict.checkpoints}
+
+
+def test_summary_markdown(rendered):
+    _, verdict, paths = rendered
+    text = paths["markdown"].read_text()
+    assert text.splitlines()[0] == MARKER
+    assert ("may ship" in text) == (verdict.selected is not None)
+    assert text.count("\n| `") + text.count("\n| **`") == len(verdict.checkpoints)
+
+
+def test_summary_stays_under_60kb_for_50_checkpoints():
+    results = make_results(n_checkpoints=50, n_docs=30)
+    verdict = evaluate(POLICY, results, np.random.default_rng(0))
+    text = render_markdown(build_view(results, verdict))
+    assert len(text.encode()) < 60_000
+    assert text.count("checkpoint-") >= 50
+
+
+def test_note_when_the_best_checkpoint_is_the_first_saved():
+    results = make_results()  # drift grows with the step: the first checkpoint is the best
+    verdict = evaluate(POLICY, results, np.random.default_rng(0))
+    assert verdict.selected == results.checkpoints[0].name
+    notes = build_view(results, verdict).notes
+    assert any("is the first one its run saved (step 100)" in n for n in notes)
+
+
+def test_drilldown_lists_worst_documents_and_flipped_items(rendered):
+    results, verdict, _ = rendered
+    view = build_view(results, verdict)
+    worst = view.drilldowns[-1]  # the most drifted checkpoint
+    docs = worst.documents["general"]
+    assert docs and docs == sorted(docs, key=lambda d: d.delta, reverse=True)
+    assert len(worst.lost["quiz"]) == 9 and worst.gained["quiz"] == []
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it: apt-get install chromium)")
+def test_report_in_a_real_browser(rendered, tmp_path):
+    playwright = pytest.importorskip("playwright.sync_api")
+    html_path = rendered[2]["html"]
+    console, requests, dialogs = [], [], []
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"],
+        )
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.on("console", lambda m: console.append((m.type, m.text)))
+        page.on("pageerror", lambda e: console.append(("error", str(e))))
+        page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+
+        def block(route):  # networking off: anything but the file itself (and data: URIs) is refused
+            url = route.request.url
+            if url.startswith(("file://", "data:")):
+                return route.continue_()
+            requests.append(url)
+            return route.abort()
+
+        page.route("**/*", block)
+        page.goto(html_path.as_uri())
+        page.wait_for_load_state("load")
+        shot = tmp_path / "report.png"
+        page.screenshot(path=str(shot), full_page=True)
+        assert page.locator("tr.checkpoint").count() == 4
+        assert page.get_by_text("<script>alert('gate')</script>", exact=False).count() > 0  # shown as text
+        assert page.evaluate("document.querySelectorAll('img').length") == 3
+        assert page.evaluate("[...document.images].every(i => i.complete && i.naturalWidth > 0)")
+        narrow = browser.new_page(viewport={"width": 420, "height": 800})
+        narrow.goto(html_path.as_uri())
+        assert narrow.evaluate("document.body.scrollWidth <= window.innerWidth + 1")  # tables scroll inside
+        browser.close()
+    assert [m for m in console if m[0] == "error"] == []
+    assert requests == [] and dialogs == []
+    from PIL import Image, ImageStat
+
+    image = Image.open(shot).convert("L")
+    assert image.size[1] > 900 and max(ImageStat.Stat(image).stddev) > 10  # not blank
+
+
+def test_cli_report_regenerates_everything(tmp_path, rendered):
+    from click.testing import CliRunner
+
+    from gate.cli import main
+    from gate.results import write_results
+    from gate.verdict import write_verdict
+
+    results, verdict, _ = rendered
+    write_results(tmp_path / "results.json", results)
+    write_verdict(tmp_path / "verdict.json", verdict)
+    result = CliRunner().invoke(main, ["report", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == f"report: {tmp_path / 'report.html'}  (also summary.md, junit.xml)"
+    assert all((tmp_path / f).is_file() for f in ("report.html", "summary.md", "junit.xml"))
