@@ -198,13 +198,21 @@ def _check(policy: Policy, gate: Gate, ref: Reference, ckpt: ModelResult, rng, p
 
 
 def _threshold(gate: Gate) -> float:
-    """The gate as a threshold on the effect: effect below/above it is what passing means."""
-    if gate.kind == "floor":
-        return gate.margin
-    harm_is_increase = gate.lower_is_better
-    if gate.kind == "guardrail":
-        return gate.margin if harm_is_increase else -gate.margin
-    return -gate.margin if harm_is_increase else gate.margin  # objective: improvement beyond the gain
+    return threshold(gate.kind, gate.lower_is_better, gate.margin)
+
+
+def threshold(kind: str, lower_is_better: bool, margin: float) -> float:
+    """A gate as a threshold on the effect; passing means the effect is established beyond it.
+
+    Guardrails: harm may reach the margin (+margin for lower-is-better metrics, -margin else).
+    Objectives: improvement must exceed it (-margin for lower-is-better, +margin else).
+    Floors: the limit itself, on the checkpoint's own value.
+    """
+    if kind == "floor":
+        return margin
+    if kind == "guardrail":
+        return margin if lower_is_better else -margin
+    return -margin if lower_is_better else margin
 
 
 def _test(gate: Gate, data: Paired, rng, iterations: int):
@@ -340,7 +348,7 @@ def _reason(c: Check, alpha: float) -> str:
             "pass": f"{what} is within {limit}",
             "fail": f"{what} is beyond {limit}",
         }.get(c.outcome, f"{what}: cannot tell whether it is within {limit}")
-    margin = fmt(_threshold_for_text(c))
+    margin = fmt(threshold(c.kind, c.metric in LOWER_IS_BETTER, c.margin))
     if c.kind == "guardrail":
         text = {
             "pass": f"{what} stays within the {margin} margin",
@@ -354,13 +362,6 @@ def _reason(c: Check, alpha: float) -> str:
     if c.underpowered and c.outcome != "fail":
         text += f"; the suite is too small to see a change of {fmt(c.margin).lstrip('+')} (it detects about {fmt(c.mde).lstrip('+')}): add items"
     return text
-
-
-def _threshold_for_text(c: Check) -> float:
-    lower_better = c.metric in LOWER_IS_BETTER
-    if c.kind == "guardrail":
-        return c.margin if lower_better else -c.margin
-    return -c.margin if lower_better else c.margin
 
 
 def _fmt_relative(x: float | None) -> str:

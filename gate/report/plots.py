@@ -6,6 +6,8 @@ import base64
 import io
 from dataclasses import dataclass
 
+from gate.config import GATE_BOUNDS, LOWER_IS_BETTER
+from gate.policy import threshold
 from gate.report.view import ReportView, finite, run_of
 
 
@@ -64,7 +66,7 @@ def _metric_plot(plt, view: ReportView, column):
                 ax.plot([step], [value], marker="*", markersize=16, color="black", linestyle="none", label="selected")
     if base_value is not None:
         ax.axhline(base_value, color="grey", linestyle="--", linewidth=1, label="base")
-        limit = _limit(base_value, bound, margin, column.relative)
+        limit = _limit(base_value, bound, margin, metric, column.relative)
         if limit is not None:
             ax.axhline(limit, color="#c0392b", linestyle=":", linewidth=1, label="margin")
     elif bound in ("min", "max"):
@@ -88,12 +90,13 @@ def _value_bounds(check) -> tuple[float, float]:
     return check.base_value + check.low, check.base_value + check.high
 
 
-def _limit(base: float, bound: str, margin: float, relative: bool) -> float | None:
+def _limit(base: float, bound: str, margin: float, metric: str, relative: bool) -> float | None:
     """Where the margin lies on the metric's own scale."""
-    sign = {"max_increase": 1, "max_drop": -1, "min_decrease": -1, "min_gain": 1}.get(bound)
-    if sign is None:
+    kind = GATE_BOUNDS[bound][0]
+    if kind == "floor":
         return None
-    return base * (1 + sign * margin) if relative else base + sign * margin
+    t = threshold(kind, metric in LOWER_IS_BETTER, margin)
+    return base * (1 + t) if relative else base + t
 
 
 def _loss_plot(plt, view: ReportView):
