@@ -119,6 +119,9 @@ def scan_command(directory: Path, as_json: bool, allow_pickle: bool, base: str |
 @allow_pickle_option
 @click.option("--trust-remote-code", is_flag=True, help="Run model code shipped with the base. Only for models you trust.")
 @click.option("--online", is_flag=True, help="Allow contacting the Hugging Face hub (default: offline, local cache only).")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True, help="ray: fan checkpoints out to Ray workers (one GPU each).")
+@click.option("--address", help="Ray cluster address (e.g. auto); default: start a local Ray.")
+@click.option("--workers", type=click.IntRange(min=1), help="Ray workers (default: one per GPU, else CPUs - 1).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress display.")
 @_handle_errors
 def run_command(directory: Path, config_path: Path | None, base: str | None, out_dir: Path, **options) -> None:
@@ -207,15 +210,21 @@ def demo_command(demo_dir: Path, out_dir: Path, quiet: bool) -> None:
     sys.exit(outcome.exit_code or verdict.exit_code)
 
 
-def _run(directory: Path, *, quiet: bool = False, **options):
-    """prepare_run (no torch) -> runner.run -> the summary table. Options are prepare_run's."""
+def _run(directory: Path, *, quiet: bool = False, executor: str = "local", address: str | None = None, workers: int | None = None, **options):
+    """prepare_run (no torch) -> runner.run (or its Ray twin) -> the summary table. Options are prepare_run's."""
     _set_offline(options.get("online", False))
     request = prepare_run(directory, command=shlex.join(["gate", *sys.argv[1:]]), **options)
     from gate.runner import run  # torch is imported here, and only here
 
     renderer = _ProgressRenderer()
+    progress = no_progress if quiet else renderer
     try:
-        outcome = run(request, progress=no_progress if quiet else renderer)
+        if executor == "ray":
+            from gate.runner.distributed import run_on_ray
+
+            outcome = run_on_ray(request, address=address, progress=progress, workers=workers)
+        else:
+            outcome = run(request, progress=progress)
     finally:
         renderer.close()
     _print_run(outcome)

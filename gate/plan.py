@@ -52,6 +52,13 @@ class RunRequest:
     """The gate.yaml used (None: defaults)."""
     policy: Policy | None = None
     """The release policy to apply to the results (pure, after the run)."""
+    only: dict[str, list[str]] | None = None
+    """Model name -> suites this run may compute (a distributed worker's share); None: all.
+    Everything else is only assembled from the store, so ``only={}`` computes nothing."""
+    failures: dict[str, tuple[str, int]] = field(default_factory=dict)
+    """Checkpoint name -> (reason, exit code) of failures that happened elsewhere (other workers)."""
+    keep_base_loaded: bool = False
+    """Keep the loaded base in this process between runs (long-lived workers)."""
     warnings: list[str] = field(default_factory=list)
     """Warnings gathered while preparing the run."""
 
@@ -151,3 +158,14 @@ def no_checkpoints_message(directory: Path) -> str:
         "adapter_model.safetensors (LoRA) or config.json + model.safetensors (full weights), "
         "such as the Trainer's checkpoint-N/ folders"
     )
+
+
+def funnel_selection(funnel: Funnel, candidates: list[tuple[str, int | None, object]]) -> set[str]:
+    """Names of the top_k candidates (name, step, perplexity SuiteScore or None) by the funnel's
+    metric, lower first; ties go to the earlier step. Candidates without a score are never kept."""
+    ranked = []
+    for name, step, score in candidates:
+        if score is not None:
+            value = score.perplexity if funnel.metric == "perplexity" else score.bits_per_byte
+            ranked.append((value, step if step is not None else 0, name))
+    return {name for _, _, name in sorted(ranked)[: funnel.top_k]}

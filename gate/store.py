@@ -244,6 +244,34 @@ class ResultsStore:
         ]
         return TaskScore(**{**json.loads(row[0]), "items": items})
 
+    _TABLES = (("suite_scores", "document_scores"), ("task_scores", "item_scores"))
+
+    def keys(self) -> set[str]:
+        """Every stored score's key."""
+        return {k for table, _ in self._TABLES for (k,) in self._conn.execute(f"SELECT key FROM {table}")}
+
+    def export(self, keys: set[str]) -> dict[str, list[tuple]]:
+        """The raw rows of these scores, to carry them to another store (distributed workers, merge)."""
+        dump: dict[str, list[tuple]] = {}
+        marks = ",".join("?" * len(keys))
+        for table, detail in self._TABLES:
+            dump[table] = self._conn.execute(f"SELECT * FROM {table} WHERE key IN ({marks})", tuple(keys)).fetchall()
+            dump[detail] = self._conn.execute(
+                f"SELECT * FROM {detail} WHERE score_key IN ({marks}) ORDER BY score_key, position", tuple(keys)
+            ).fetchall()
+        return dump
+
+    def import_rows(self, dump: dict[str, list[tuple]]) -> int:
+        """Write exported rows in one transaction (replacing equal keys); returns how many scores."""
+        with self._transaction():
+            for table, detail in self._TABLES:
+                for row in dump.get(table, []):
+                    self._conn.execute(f"DELETE FROM {table} WHERE key=?", (row[0],))
+                    self._conn.execute(f"INSERT INTO {table} VALUES ({','.join('?' * len(row))})", row)
+                for row in dump.get(detail, []):
+                    self._conn.execute(f"INSERT INTO {detail} VALUES ({','.join('?' * len(row))})", row)
+        return sum(len(dump.get(table, [])) for table, _ in self._TABLES)
+
     def count(self) -> int:
         """Number of stored (model, suite) scores of both kinds."""
         return sum(

@@ -25,7 +25,7 @@ from pathlib import Path
 import gate
 from gate.errors import EXIT_INVALID_INPUT, EXIT_RUNTIME_FAILURE, CheckpointError, GateError, RunFailure
 from gate.hashing import sha256_files
-from gate.plan import RunRequest
+from gate.plan import RunRequest, funnel_selection
 from gate.progress import ProgressEvent, ProgressFn, no_progress
 from gate.results import (
     SCHEMA_VERSION,
@@ -123,6 +123,10 @@ def run(request: RunRequest, progress: ProgressFn = no_progress) -> RunOutcome:
             if plan.result.status == "invalid":
                 plan.result.error_code = EXIT_INVALID_INPUT
                 outcome.problems.append((plan.result.reason or plan.name, EXIT_INVALID_INPUT))
+            elif plan.name in request.failures:
+                reason, code = request.failures[plan.name]
+                plan.result.status, plan.result.reason, plan.result.error_code = "error", reason, code
+                outcome.problems.append((reason, code))
         todo = {(p.name, s) for p in plans for s, ident in p.identities.items() if not store.has(ident.key)}
         perplexity_suites = [s.name for s in request.suites]
         task_suites = [t.spec.name for t in tasks]
@@ -156,7 +160,11 @@ def run(request: RunRequest, progress: ProgressFn = no_progress) -> RunOutcome:
             scorer.full_checkpoint(plan, perplexity_suites)
 
         # 4. The base, loaded once, on every suite, before any adapter is injected into it.
-        base = _LoadedBase(lambda: models.load_model(base_dir, device, dtype, request.trust_remote_code), outcome)
+        base = _LoadedBase(
+            lambda: models.load_model(base_dir, device, dtype, request.trust_remote_code),
+            outcome,
+            key=(str(base_dir), base_hash, str(device), str(dtype)) if request.keep_base_loaded else None,
+        )
         if scorer.needs(base_plan, perplexity_suites + task_suites):
             scorer.score(base.model(), base_plan, perplexity_suites + task_suites)
 
@@ -193,25 +201,39 @@ def run(request: RunRequest, progress: ProgressFn = no_progress) -> RunOutcome:
     return outcome
 
 
-class _LoadedBase:
-    """The base model, loaded on first use (never when everything is stored), and its adapter slot."""
+_KEPT_BASES: dict[tuple, tuple] = {}  # a long-lived worker's base and adapter slot, by identity
 
-    def __init__(self, load, outcome: RunOutcome):
+
+class _LoadedBase:
+    """The base model, loaded on first use (never when everything is stored), and its adapter slot.
+
+    With ``key`` (a long-lived worker), the model and its slot stay in this process for the next
+    run. A kept base is only ever used with no adapter active, so it scores exactly as a fresh one.
+    """
+
+    def __init__(self, load, outcome: RunOutcome, key: tuple | None = None):
         self._load = load
         self._outcome = outcome
+        self._key = key
         self._model = None
         self.slot: models.AdapterSlot | None = None
+        if key is not None and key in _KEPT_BASES:
+            self._model, self.slot = _KEPT_BASES[key]
 
     def model(self):
         if self._model is None:
             self._model = self._load()
             self._outcome.base_loads += 1
             self.slot = models.AdapterSlot(self._model)
+            if self._key is not None:
+                _KEPT_BASES.clear()  # one base per worker
+                _KEPT_BASES[self._key] = (self._model, self.slot)
         return self._model
 
     def release(self) -> None:
-        self._model = self.slot = None
-        models.free_memory()
+        if self._key is None:
+            self._model = self.slot = None
+            models.free_memory()
 
 
 def _plan(request, tasks, base_hash, tokenizer_hash, settings: RunSettings, store: ResultsStore) -> list[ModelPlan]:
@@ -266,15 +288,12 @@ def _funnel(request: RunRequest, checkpoints: list[ModelPlan], task_suites, stor
     funnel = request.funnel
     if funnel is None or not task_suites:
         return everyone
-    ranked = []
+    candidates = []
     for plan in checkpoints:
         identity = plan.identities.get(funnel.suite)
-        score = store.get(identity.key) if identity else None
-        if score is None or plan.result.status != "ok":
-            continue  # failed on the ranking suite: never selected
-        value = score.perplexity if funnel.metric == "perplexity" else score.bits_per_byte
-        ranked.append((value, plan.result.step if plan.result.step is not None else 0, plan.name))
-    selected = {name for _, _, name in sorted(ranked)[: funnel.top_k]}
+        score = store.get(identity.key) if identity and plan.result.status == "ok" else None
+        candidates.append((plan.name, plan.result.step, score))  # failed on the ranking suite: never selected
+    selected = funnel_selection(funnel, candidates)
     for plan in checkpoints:
         if plan.name in selected:
             continue
@@ -315,7 +334,12 @@ class _Scorer:
     outcome: RunOutcome
 
     def needs(self, plan: ModelPlan, suites: list[str]) -> bool:
-        return plan.result.status == "ok" and any((plan.name, s) in self.todo for s in suites)
+        return plan.result.status == "ok" and any(self._due(plan.name, s) for s in suites)
+
+    def _due(self, model: str, suite: str) -> bool:
+        """Missing from the store, and this run's to compute (``only`` is a worker's share)."""
+        only = self.request.only
+        return (model, suite) in self.todo and (only is None or suite in only.get(model, ()))
 
     def adapter(self, base: _LoadedBase, plan: ModelPlan, suites: list[str]) -> None:
         if not self.needs(plan, suites):
@@ -356,7 +380,7 @@ class _Scorer:
 
     def score(self, model, plan: ModelPlan, suites: list[str]) -> None:
         for suite in suites:
-            if (plan.name, suite) not in self.todo or plan.result.status != "ok":
+            if not self._due(plan.name, suite) or plan.result.status != "ok":
                 continue
             try:
                 if suite in self.encoded:
