@@ -22,7 +22,7 @@ import click
 import gate
 from gate.config import find_config, load_config
 from gate.errors import EXIT_INVALID_INPUT, EXIT_RUNTIME_FAILURE, CheckpointError, ConfigError, GateError
-from gate.plan import no_checkpoints_message, prepare_run
+from gate.plan import no_checkpoints_message, prepare_run, shard_share
 from gate.progress import ProgressEvent, no_progress
 from gate.results import read_results
 from gate.scan import ScanReport, scan
@@ -122,6 +122,7 @@ def scan_command(directory: Path, as_json: bool, allow_pickle: bool, base: str |
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True, help="ray: fan checkpoints out to Ray workers (one GPU each).")
 @click.option("--address", help="Ray cluster address (e.g. auto); default: start a local Ray.")
 @click.option("--workers", type=click.IntRange(min=1), help="Ray workers (default: one per GPU, else CPUs - 1).")
+@click.option("--shard", metavar="I/N", help="Score only share I of N (checkpoints I, I+N, ...; the base in shard 1); combine with `gate merge`.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress display.")
 @_handle_errors
 def run_command(directory: Path, config_path: Path | None, base: str | None, out_dir: Path, **options) -> None:
@@ -131,6 +132,38 @@ def run_command(directory: Path, config_path: Path | None, base: str | None, out
     run continues where it stopped.
     """
     outcome, request = _run(directory, config_path=config_path, base=base, out_dir=out_dir, **options)
+    if options.get("shard"):
+        click.echo(f"shard {options['shard']} scored; combine the shards' output folders with `gate merge`")
+        sys.exit(outcome.exit_code)
+    verdict = _apply_policy(outcome.results, request.policy, request.config_path, out_dir)
+    sys.exit(outcome.exit_code or verdict.exit_code)
+
+
+@main.command("merge")
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--from", "shards", multiple=True, required=True, type=click.Path(path_type=Path), help="A shard's output folder (repeat for each).")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help="gate.yaml (default: DIR/gate.yaml, then ./gate.yaml).")
+@base_option
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default="reports", show_default=True, help="Output folder of the merged run.")
+@allow_pickle_option
+@_handle_errors
+def merge_command(directory: Path, shards: tuple[Path, ...], config_path: Path | None, base: str | None, out_dir: Path, allow_pickle: bool) -> None:
+    """Combine `gate run --shard I/N` output folders into one run: results, verdict, reports.
+
+    Scores nothing: every score comes from the shards' stores (scored under the settings that the
+    first shard's results.json records). Exits as `gate run` would.
+    """
+    from gate.store import STORE_NAME, ResultsStore
+
+    settings = read_results(shards[0] / "results.json").settings
+    with ResultsStore(out_dir / STORE_NAME) as store:
+        for shard in shards:
+            if not (shard / STORE_NAME).is_file():
+                raise GateError(f"{shard / STORE_NAME}: not found; pass the output folders of `gate run --shard I/N`")
+            with ResultsStore(shard / STORE_NAME) as source:
+                store.import_rows(source.export(source.keys()))
+    options = dict(device="cpu", dtype=settings.dtype, max_length=settings.max_length, stride=settings.stride, shard=None)
+    outcome, request = _run(directory, config_path=config_path, base=base, out_dir=out_dir, allow_pickle=allow_pickle, quiet=True, merge=True, **options)
     verdict = _apply_policy(outcome.results, request.policy, request.config_path, out_dir)
     sys.exit(outcome.exit_code or verdict.exit_code)
 
@@ -210,10 +243,27 @@ def demo_command(demo_dir: Path, out_dir: Path, quiet: bool) -> None:
     sys.exit(outcome.exit_code or verdict.exit_code)
 
 
-def _run(directory: Path, *, quiet: bool = False, executor: str = "local", address: str | None = None, workers: int | None = None, **options):
+def _run(
+    directory: Path,
+    *,
+    quiet: bool = False,
+    executor: str = "local",
+    address: str | None = None,
+    workers: int | None = None,
+    shard: str | None = None,
+    merge: bool = False,
+    **options,
+):
     """prepare_run (no torch) -> runner.run (or its Ray twin) -> the summary table. Options are prepare_run's."""
     _set_offline(options.get("online", False))
     request = prepare_run(directory, command=shlex.join(["gate", *sys.argv[1:]]), **options)
+    if shard:
+        if request.funnel is not None:
+            click.echo("warning: the funnel needs every checkpoint's perplexity; a shard runs every suite on its checkpoints", err=True)
+            request.funnel = None
+        request.only = shard_share(request, shard)
+    if merge:
+        request.only = {}  # everything comes from the merged store
     from gate.runner import run  # torch is imported here, and only here
 
     renderer = _ProgressRenderer()

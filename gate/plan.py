@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gate.config import Funnel, GateConfig, Policy, SuiteSpec, find_config, load_config
-from gate.errors import BaseModelError, CheckpointError, SuiteError
+from gate.errors import BaseModelError, CheckpointError, ConfigError, SuiteError
 from gate.scan import ScanReport, scan
 from gate.store import STORE_NAME, ResultsStore
 from gate.suites import Suite, load_suite
@@ -169,3 +169,18 @@ def funnel_selection(funnel: Funnel, candidates: list[tuple[str, int | None, obj
             value = score.perplexity if funnel.metric == "perplexity" else score.bits_per_byte
             ranked.append((value, step if step is not None else 0, name))
     return {name for _, _, name in sorted(ranked)[: funnel.top_k]}
+
+
+def shard_share(request: RunRequest, shard: str) -> dict[str, list[str]]:
+    """``only`` for shard "i/n": checkpoints i, i+n, ... (in scan order) on every suite; the base in shard 1."""
+    try:
+        index, count = (int(x) for x in shard.split("/"))
+        if not 1 <= index <= count:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(None, [f"--shard {shard!r}: must be i/n with 1 <= i <= n, e.g. 2/4"]) from None
+    suites = [s.name for s in request.suites] + [s.name for s in request.task_specs]
+    share = {c.name: suites for k, c in enumerate(request.scan.valid) if k % count == index - 1}
+    if index == 1:
+        share["base"] = suites
+    return share

@@ -254,3 +254,34 @@ def test_bless_errors(cli, ran, tmp_path):
     (empty / "results.json").write_text((ran / "results.json").read_text())
     result = invoke(cli, "check", empty, "--config", ran.parent / "missing.yaml")
     assert result.exit_code == 2 and "file not found" in result.stderr
+
+
+def test_shards_merged_equal_a_single_run(cli, world, ran, tmp_path):
+    outs = []
+    for i in (1, 2):
+        out = tmp_path / f"shard{i}"
+        result = invoke(cli, "run", world.checkpoints, "--config", world.config, "--out", out, "--device", "cpu", "-q", "--shard", f"{i}/2")
+        assert result.exit_code == 0, result.output
+        assert f"shard {i}/2 scored" in result.stdout
+        outs.append(out)
+    shard2 = json.loads((outs[1] / "results.json").read_text())
+    assert shard2["base"]["scores"] == {}  # the base is shard 1's
+    merged = tmp_path / "merged"
+    args = ["merge", world.checkpoints, "--config", world.config, "--out", merged]
+    result = invoke(cli, *args, *[a for out in outs for a in ("--from", out)])
+    assert result.exit_code == 0, result.output
+    assert "computed 0 model x suite score(s), reused 16 from the store" in result.stdout
+    single, combined = (json.loads((d / "results.json").read_text()) for d in (ran, merged))
+    assert [c["scores"] for c in combined["checkpoints"]] == [c["scores"] for c in single["checkpoints"]]
+    assert combined["base"]["scores"] == single["base"]["scores"]
+    verdicts = [json.loads((d / "verdict.json").read_text()) for d in (ran, merged)]
+    for v in verdicts:
+        v.pop("provenance")
+    assert verdicts[0] == verdicts[1]
+
+
+def test_bad_shard_and_merge_inputs(cli, world, tmp_path):
+    result = invoke(cli, "run", world.checkpoints, "--config", world.config, "--out", tmp_path / "o", "--shard", "3/2")
+    assert result.exit_code == 2 and "--shard '3/2': must be i/n" in result.stderr
+    result = invoke(cli, "merge", world.checkpoints, "--from", tmp_path / "nothing", "--out", tmp_path / "m")
+    assert result.exit_code == 2 and "results.json: not found" in result.stderr
