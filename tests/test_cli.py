@@ -285,3 +285,12 @@ def test_bad_shard_and_merge_inputs(cli, world, tmp_path):
     assert result.exit_code == 2 and "--shard '3/2': must be i/n" in result.stderr
     result = invoke(cli, "merge", world.checkpoints, "--from", tmp_path / "nothing", "--out", tmp_path / "m")
     assert result.exit_code == 2 and "results.json: not found" in result.stderr
+
+
+def test_executor_ray_without_ray_says_how_to_install(cli, world, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if the extra were not installed
+    result = invoke(cli, "run", world.checkpoints, "--config", world.config, "--out", tmp_path / "o", "--executor", "ray", "-q")
+    assert result.exit_code == 2
+    assert "pip install 'gate[ray]'" in result.stderr
