@@ -77,8 +77,8 @@ def run_on_ray(request: RunRequest, address: str | None = None, progress: Progre
     per_worker = {"num_gpus": 1} if gpus and wanted_gpu else {"num_cpus": 1}
     size = workers or (gpus if per_worker.get("num_gpus") else max(1, int(ray.cluster_resources().get("CPU", 1)) - 1))
     actor = ray.remote(max_restarts=0, **per_worker)(ScoringWorker)
-    pool = [actor.remote(request) for _ in range(size)]
-    spawn = lambda: actor.remote(request)  # noqa: E731 - a replacement for a worker that died
+    spawn = lambda: actor.remote(request)  # noqa: E731 - workers start only when there is work
+    pool: list = []
     progress(ProgressEvent("stage", message=f"ray: {size} worker(s), {'1 GPU' if per_worker.get('num_gpus') else '1 CPU'} each"))
 
     # Phase A: the base on every suite; each checkpoint on the perplexity suites (cheap, for the funnel).
@@ -88,14 +88,14 @@ def run_on_ray(request: RunRequest, address: str | None = None, progress: Progre
     valid = [c.name for c in plan.results.checkpoints if c.status == "ok"]
     collected = _Collected()
     jobs = _missing(plan.results, [("base", perplexity + tasks)] + [(name, perplexity) for name in valid])
-    _dispatch(ray, pool, spawn, jobs, request, collected, progress)
+    _dispatch(ray, pool, size, spawn, jobs, request, collected, progress)
 
     # Phase B: lm-eval suites on the checkpoints the funnel keeps (all of them without a funnel).
     if tasks:
         ranked = run(dataclasses.replace(request, only={}, failures=collected.failures))
         keep = _funnel_keep(request, ranked.results)
         jobs = _missing(ranked.results, [(name, tasks) for name in valid if name in keep and name not in collected.failures])
-        _dispatch(ray, pool, spawn, jobs, request, collected, progress)
+        _dispatch(ray, pool, size, spawn, jobs, request, collected, progress)
 
     final = run(dataclasses.replace(request, only={}, failures=collected.failures), progress)
     final.computed = collected.computed
@@ -124,11 +124,11 @@ class _Collected:
     base_loads: int = 0
 
 
-def _dispatch(ray, pool, spawn, jobs, request: RunRequest, collected: _Collected, progress: ProgressFn) -> None:
+def _dispatch(ray, pool, size: int, spawn, jobs, request: RunRequest, collected: _Collected, progress: ProgressFn) -> None:
     """Run jobs on the pool as workers free up; store each answer as it arrives; retry lost jobs.
 
     A worker that dies is replaced by a fresh one (which loads the base again) and only its job is
-    submitted again; ``pool`` is updated in place so the next phase uses the live workers.
+    submitted again. ``pool`` holds the idle workers between phases; at most ``size`` run at once.
     """
     queue = list(jobs)
     attempts: dict[str, int] = {}
@@ -136,6 +136,8 @@ def _dispatch(ray, pool, spawn, jobs, request: RunRequest, collected: _Collected
     idle = pool
     with ResultsStore(request.out_dir / STORE_NAME) as store:
         while queue or running:
+            while queue and not idle and len(running) < size:
+                idle.append(spawn())
             while queue and idle:
                 worker = idle.pop()
                 job = queue.pop(0)
@@ -148,8 +150,7 @@ def _dispatch(ray, pool, spawn, jobs, request: RunRequest, collected: _Collected
                 attempts[job[0]] = attempts.get(job[0], 0) + 1
                 if attempts[job[0]] > RETRIES:
                     raise RunFailure(f"ray: the worker scoring {job[0]} died {RETRIES + 1} times; see the Ray logs") from None
-                idle.append(spawn())
-                queue.append(job)  # only the job in flight is lost
+                queue.append(job)  # only the job in flight is lost; a fresh worker takes it
                 continue
             except ray.exceptions.RayTaskError as err:
                 cause = getattr(err, "cause", None)
