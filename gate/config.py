@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,6 +67,7 @@ DEFAULT_MAX_INCREASE = 0.05
 SUITE_KEYS = {"name", "type", "path", "task", "num_fewshot", "limit", "metric", "chat_template"}
 ONLY_FOR = {"path": "perplexity", "task": "lm_eval", "num_fewshot": "lm_eval"}
 PERPLEXITY_METRICS = ("perplexity", "bits_per_byte")
+SUITE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 DEFAULT_SUITES = ("known-good",)
 _KIND_NAMES = {str: "a string", int: "an integer", bool: "true or false"}
 
@@ -276,6 +278,10 @@ def _suite(entry: dict, i: int, folder: Path, problems: list[str]) -> SuiteSpec 
     name = _typed(entry, "name", str, None, f"suites[{i}].", problems)
     if not name:
         problems.append(f"suites[{i}].name: missing; give each suite a unique name")
+        return None
+    if not SUITE_NAME.fullmatch(name):
+        # Names become folder names under the output folder: nothing may point outside it.
+        problems.append(f"suites[{i}].name: {name!r} may only use letters, digits, '.', '_' and '-' (and not start with '.')")
         return None
     where = f"suites[{i}] ({name})."
     builtin = builtin_entries().get(name)

@@ -95,3 +95,10 @@ def test_find_config_order(tmp_path, monkeypatch):
     (checkpoints / "gate.yaml").write_text("")
     assert find_config(None, str(checkpoints)) == checkpoints / "gate.yaml"
     assert str(find_config("x.yaml", str(checkpoints))) == "x.yaml"
+
+
+@pytest.mark.parametrize("name", ["../../escape", "/abs", ".hidden", "a/b", "with space"])
+def test_suite_names_cannot_point_outside_the_output_folder(tmp_path, name):
+    (tmp_path / "s.jsonl").write_text('{"text": "x"}\n')
+    with pytest.raises(ConfigError, match="may only use letters, digits"):
+        load_config(write(tmp_path, f"suites:\n  - {{name: '{name}', path: s.jsonl}}\n"))

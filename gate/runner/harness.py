@@ -11,11 +11,13 @@ absolute (lm-eval resolves them against the working directory, not the YAML's fo
 
 from __future__ import annotations
 
+import atexit
 import difflib
 import hashlib
 import inspect
 import json
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -79,7 +81,11 @@ def prepare_task(spec: SuiteSpec, work_dir: Path) -> PreparedTask:
     where = f"suite {spec.name!r} (task {spec.task})"
     source = Path(spec.task)
     if source.exists():
-        folder = _localize(source, work_dir / "tasks" / spec.name, where)
+        # A folder of this process's own: two runs on one output folder never touch each other's.
+        (work_dir / "tasks").mkdir(parents=True, exist_ok=True)
+        private = Path(tempfile.mkdtemp(prefix=f"{spec.name}-", dir=work_dir / "tasks"))
+        atexit.register(shutil.rmtree, private, True)
+        folder = _localize(source, private / "task", where)
         manager = TaskManager(include_path=str(folder), include_defaults=False)
         names = _declared_tasks(folder if source.is_dir() else folder / source.name)
     else:
