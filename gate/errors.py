@@ -49,3 +49,7 @@ class RunFailure(GateError):
     """Scoring failed at run time (out of memory at batch size 1, non-finite numbers, ...)."""
 
     exit_code = EXIT_RUNTIME_FAILURE
+
+
+class StoreError(RunFailure):
+    """The results store cannot be written (disk full...): it stops the whole run, never one checkpoint."""

@@ -18,7 +18,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from gate.errors import GateError
+from gate.errors import GateError, RunFailure
 
 SCHEMA_VERSION = 1
 
@@ -340,6 +340,12 @@ def write_json_atomic(path: str | Path, obj: dict) -> None:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; results are meant to be shared
         os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        raise RunFailure(
+            f"{path}: cannot be written ({err.strerror or err}); free disk space and run again: the previous file "
+            "is intact and every score is kept in the results store"
+        ) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -14,7 +14,7 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
-from gate.errors import RunFailure
+from gate.errors import RunFailure, StoreError
 from gate.hashing import sha256_json
 from gate.results import DocumentScore, ItemScore, SuiteScore, TaskScore
 
@@ -135,7 +135,9 @@ class ResultsStore:
                 self._check_version()
         except sqlite3.DatabaseError as err:
             raise RunFailure(
-                f"{self.path}: the results store cannot be opened ({err}); move it aside to start a fresh one"
+                f"{self.path}: the results store cannot be opened ({err}); if the disk is full, free space and run "
+                "again (nothing is lost); if the file is damaged, move it aside to start a fresh one (its scores "
+                "are then recomputed)"
             ) from None
 
     def _transaction(self):
@@ -224,12 +226,19 @@ class ResultsStore:
             provenance.gate_version,
             now,
         )
-        with self._transaction():
-            self._conn.execute(f"DELETE FROM {table} WHERE key=?", (key,))
-            self._conn.execute(f"INSERT INTO {table} VALUES ({','.join('?' * len(row))})", row)
-            if detail_rows:
-                marks = ",".join("?" * len(detail_rows[0]))
-                self._conn.executemany(f"INSERT INTO {detail_table} VALUES ({marks})", detail_rows)
+        try:
+            with self._transaction():
+                self._conn.execute(f"DELETE FROM {table} WHERE key=?", (key,))
+                self._conn.execute(f"INSERT INTO {table} VALUES ({','.join('?' * len(row))})", row)
+                if detail_rows:
+                    marks = ",".join("?" * len(detail_rows[0]))
+                    self._conn.executemany(f"INSERT INTO {detail_table} VALUES ({marks})", detail_rows)
+        except sqlite3.OperationalError as err:
+            # The transaction rolled back: every score stored before this one is intact.
+            raise StoreError(
+                f"{self.path}: cannot store the score of suite {suite!r} ({err}); free disk space and run the "
+                "same command again: every score finished so far is kept"
+            ) from None
 
     def get_task(self, key: str) -> TaskScore | None:
         row = self._conn.execute("SELECT score_json FROM task_scores WHERE key=?", (key,)).fetchone()

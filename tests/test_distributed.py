@@ -49,3 +49,16 @@ def test_ray_run_equals_the_local_run_and_survives_a_dead_worker(world, tmp_path
     assert raw["checkpoints"][1]["scores"]["text"]["nll_sum"] == local.results.checkpoints[1].scores["text"].nll_sum
     again = run_on_ray(request, workers=2)
     assert again.computed == [] and again.base_loads == 0
+
+
+def test_ray_with_lm_eval_suites_and_a_funnel_equals_the_local_run(world, tmp_path, local_ray):
+    config = tmp_path / "gate.yaml"
+    config.write_text(
+        f"base: {world.base}\nsuites:\n  - {{name: text, path: {world.suites / 'text.jsonl'}}}\n"
+        "  - {name: arith, limit: 6}\nfunnel: {top_k: 1, by: text.perplexity}\n"
+    )
+    local = run(prepare_run(world.checkpoints, config_path=config, out_dir=tmp_path / "local", device="cpu"))
+    distributed = run_on_ray(prepare_run(world.checkpoints, config_path=config, out_dir=tmp_path / "ray", device="cpu"), workers=2)
+    assert numbers(distributed.results) == numbers(local.results)
+    assert sum(bool(c.skipped) for c in distributed.results.checkpoints) == 2
+    assert sorted(distributed.computed) == sorted(local.computed)

@@ -255,3 +255,13 @@ def test_cli_prints_the_lm_eval_table_with_skipped_cells(world, tasks, tmp_path)
     counts = next(i for i, line in enumerate(lines) if line.startswith("computed "))
     assert lines[counts].endswith("skipped 2 (funnel)")
     assert lines[counts + 1] == "partial: suites were capped by a limit; these numbers are for a quick look only"
+
+
+def test_task_identity_does_not_depend_on_the_output_folder(world, tasks, tmp_path):
+    """Ray workers and shards localize tasks elsewhere: the same task must get the same keys."""
+    from gate.config import SuiteSpec
+    from gate.runner.harness import prepare_task
+
+    spec = SuiteSpec(name="mc", type="lm_eval", task=str(tasks / "mc.yaml"), num_fewshot=2)
+    first, second = (prepare_task(spec, tmp_path / out) for out in ("a", "b"))
+    assert first.identity == second.identity

@@ -12,6 +12,7 @@ from gate.report.html import render_html
 from gate.report.junit import render_junit
 from gate.report.markdown import MARKER, render_markdown
 from gate.report.view import ReportView, build_view
+from gate.errors import RunFailure
 from gate.results import Results
 from gate.verdict import Verdict
 
@@ -25,6 +26,10 @@ def write_reports(results: Results, verdict: Verdict, out_dir: str | Path) -> di
     paths = {"html": out_dir / "report.html", "markdown": out_dir / "summary.md", "junit": out_dir / "junit.xml"}
     for kind, text in (("html", render_html(view)), ("markdown", render_markdown(view)), ("junit", render_junit(view))):
         tmp = paths[kind].with_suffix(paths[kind].suffix + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(paths[kind])  # atomic: a reader never sees half a report
+        try:
+            tmp.write_text(text, encoding="utf-8")
+            tmp.replace(paths[kind])  # atomic: a reader never sees half a report
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise RunFailure(f"{paths[kind]}: cannot be written ({err.strerror or err}); free disk space and run `gate report`") from None
     return paths

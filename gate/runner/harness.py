@@ -112,7 +112,7 @@ def prepare_task(spec: SuiteSpec, work_dir: Path) -> PreparedTask:
         if task.has_training_docs() or task.has_validation_docs() or task.config.fewshot_split:
             for doc in task.fewshot_docs() or []:
                 docs.update(json.dumps(doc, sort_keys=True, default=str).encode())
-        configs[name] = _stable(_without_data_files(task.dump_config()))
+        configs[name] = _stable(_portable(task.dump_config()))
     if n_documents == 0:
         raise SuiteError(f"{where}: has no evaluation documents")
     metrics = _metric_keys(leaves)
@@ -316,11 +316,16 @@ def _metric_keys(leaves: dict) -> list[str]:
     return keys
 
 
-def _without_data_files(config: dict) -> dict:
+def _portable(config: dict) -> dict:
+    """The task config without where it was read from: the same task scores the same on any machine,
+    in any output folder (Ray workers, shards). The documents themselves are hashed instead."""
     config = dict(config)
     kwargs = dict(config.get("dataset_kwargs") or {})
-    kwargs.pop("data_files", None)  # absolute paths differ per machine; the documents are hashed instead
+    kwargs.pop("data_files", None)
     config["dataset_kwargs"] = kwargs
+    metadata = dict(config.get("metadata") or {})
+    metadata.pop("config_source", None)
+    config["metadata"] = metadata
     return config
 
 

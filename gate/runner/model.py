@@ -127,7 +127,14 @@ def load_tokenizer(folder: Path, trust_remote_code: bool):
     try:
         return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except Exception as err:  # noqa: BLE001 - surfaced as a message naming the folder
-        raise BaseModelError(f"{folder}: the tokenizer cannot be loaded ({type(err).__name__}: {err})") from None
+        hint = _remote_code_hint(err)
+        raise BaseModelError(f"{folder}: the tokenizer cannot be loaded{hint} ({type(err).__name__}: {err})") from None
+
+
+def _remote_code_hint(err: Exception) -> str:
+    if "trust_remote_code" in str(err):
+        return ": it ships its own code, which gate runs only with --trust-remote-code (pass it if you trust that code)"
+    return ""
 
 
 def load_model(folder: Path, device: torch.device, dtype: torch.dtype, trust_remote_code: bool, error=BaseModelError):
@@ -136,8 +143,7 @@ def load_model(folder: Path, device: torch.device, dtype: torch.dtype, trust_rem
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
     except Exception as err:  # noqa: BLE001 - surfaced as a message naming the folder
-        hint = " (pass --trust-remote-code if you trust its code)" if "trust_remote_code" in str(err) else ""
-        raise error(f"{folder}: the model cannot be loaded{hint}: {type(err).__name__}: {err}") from None
+        raise error(f"{folder}: the model cannot be loaded{_remote_code_hint(err)}: {type(err).__name__}: {err}") from None
     return model.to(device).eval()
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import gate
-from gate.errors import EXIT_INVALID_INPUT, EXIT_RUNTIME_FAILURE, CheckpointError, GateError, RunFailure
+from gate.errors import EXIT_INVALID_INPUT, EXIT_RUNTIME_FAILURE, CheckpointError, GateError, RunFailure, StoreError
 from gate.hashing import sha256_files
 from gate.plan import RunRequest, funnel_selection
 from gate.progress import ProgressEvent, ProgressFn, no_progress
@@ -387,6 +387,8 @@ class _Scorer:
                     self._perplexity(model, plan, suite)
                 else:
                     self._task(model, plan, suite)
+            except StoreError:
+                raise  # the disk, not this checkpoint: stop the run; what is stored stays stored
             except RunFailure as err:
                 if plan.checkpoint is None:
                     raise RunFailure(f"base model on suite {suite!r}: {err}") from None

@@ -1,0 +1,93 @@
+"""A hostile world: full disks, concurrent runs, no network, code shipped with a model."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+
+from gate.runner.example import save_untrained_adapter
+
+
+def gate_cmd(*args) -> list[str]:
+    return [sys.executable, "-m", "gate", *map(str, args)]
+
+
+def store_ok(out) -> int:
+    conn = sqlite3.connect(out / "gate.sqlite")
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    return conn.execute("SELECT COUNT(*) FROM suite_scores").fetchone()[0]
+
+
+def test_disk_full_while_storing_keeps_earlier_results(world, ckpt_copy, tmp_path):
+    out = tmp_path / "out"
+    first = subprocess.run(gate_cmd("run", ckpt_copy, "--config", world.config, "--out", out, "-q", "--device", "cpu"), capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    before = (out / "results.json").read_text()
+    rows = store_ok(out)
+    save_untrained_adapter(world.base, ckpt_copy / "run-b" / "checkpoint-1", seed=3)
+
+    def tiny_disk():  # no file may grow past 64 KiB: the store opens, then writing scores fails
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
+
+    full = subprocess.run(
+        gate_cmd("run", ckpt_copy, "--config", world.config, "--out", out, "-q", "--device", "cpu"),
+        capture_output=True, text=True, preexec_fn=tiny_disk,
+    )
+    assert full.returncode == 3, full.stderr
+    assert "free disk space" in full.stderr and "Traceback" not in full.stderr
+    assert (out / "results.json").read_text() == before  # the earlier results are intact
+    stored = store_ok(out)  # sound, holding only complete scores
+    assert rows <= stored < rows + 4
+    again = subprocess.run(gate_cmd("run", ckpt_copy, "--config", world.config, "--out", out, "-q", "--device", "cpu"), capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert f"computed {rows + 4 - stored} model x suite score(s)" in again.stdout
+    assert store_ok(out) == rows + 4
+
+
+def test_two_runs_on_one_output_folder_both_finish(world, tmp_path):
+    out = tmp_path / "out"
+    cmd = gate_cmd("run", world.checkpoints, "--config", world.config, "--out", out, "-q", "--device", "cpu")
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], results
+    assert store_ok(out) == 16  # each (model, suite) once, whoever wrote it
+    data = json.loads((out / "results.json").read_text())
+    assert len(data["checkpoints"]) == 3 and all(c["scores"] for c in data["checkpoints"])
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None or subprocess.run(["unshare", "-rn", "true"]).returncode != 0,
+                    reason="needs `unshare -rn` (user and network namespaces)")
+def test_a_run_needs_no_network(world, tmp_path):
+    """In a network namespace with no interface at all, the whole run works offline."""
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"))}
+    run = subprocess.run(["unshare", "-rn", *gate_cmd("run", world.checkpoints, "--config", world.config, "--out", out, "-q", "--device", "cpu")],
+                         capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr
+    assert (out / "report.html").is_file()
+    hub = subprocess.run(["unshare", "-rn", *gate_cmd("run", world.checkpoints, "--base", "someone/not-cached", "--out", out, "-q")],
+                         capture_output=True, text=True, env=env)
+    assert hub.returncode == 2 and "not in the Hugging Face cache" in hub.stderr and "--online" in hub.stderr
+
+
+def test_code_shipped_with_a_model_runs_only_with_the_flag(world, tmp_path):
+    base = tmp_path / "custom-base"
+    shutil.copytree(world.base, base)
+    marker = tmp_path / "code-ran"
+    config = json.loads((base / "config.json").read_text())
+    config.update(model_type="gate_custom", auto_map={"AutoConfig": "custom.CustomConfig", "AutoModelForCausalLM": "custom.CustomModel"})
+    (base / "config.json").write_text(json.dumps(config))
+    (base / "custom.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\nraise ImportError('custom code')\n")
+    result = subprocess.run(gate_cmd("run", world.checkpoints, "--base", base, "--out", tmp_path / "out", "-q"), capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr
+    assert "--trust-remote-code" in result.stderr and "Traceback" not in result.stderr
+    assert not marker.exists(), "the model's own code ran without --trust-remote-code"
