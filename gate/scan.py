@@ -236,7 +236,10 @@ def _validate_lora(folder: Path, files: set[str], ckpt: Checkpoint, allow_pickle
     config_path = folder / ADAPTER_CONFIG
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    except OSError as err:
+        ckpt.invalidate(f"{config_path}: cannot be read ({err.strerror}); check its permissions")
+        return []
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
         ckpt.invalidate(
             f"{config_path}: not valid JSON ({err}); re-save the adapter with save_pretrained()"
         )
@@ -381,7 +384,10 @@ def _safetensors_header(path: Path, ckpt: Checkpoint) -> dict | None:
             raise ValueError("header is not a JSON object")
         header.pop("__metadata__", None)
         end = max((int(m["data_offsets"][1]) for m in header.values()), default=0)
-    except (OSError, ValueError, KeyError, TypeError, IndexError) as err:
+    except OSError as err:
+        ckpt.invalidate(f"{path}: cannot be read ({err.strerror}); check its permissions")
+        return None
+    except (ValueError, KeyError, TypeError, IndexError) as err:
         ckpt.invalidate(
             f"{path}: corrupt safetensors file ({err}); re-save or re-copy the checkpoint"
         )

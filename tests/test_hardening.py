@@ -91,3 +91,64 @@ def test_code_shipped_with_a_model_runs_only_with_the_flag(world, tmp_path):
     assert result.returncode == 2, result.stderr
     assert "--trust-remote-code" in result.stderr and "Traceback" not in result.stderr
     assert not marker.exists(), "the model's own code ran without --trust-remote-code"
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv to act as an unprivileged user")
+def test_unreadable_files_and_folders_are_reported(world):
+    import tempfile
+
+    root = tempfile.mkdtemp(prefix="gate-perm-")
+    try:
+        os.chmod(root, 0o755)
+        ckpts = os.path.join(root, "ckpts")
+        shutil.copytree(world.checkpoints, ckpts)
+        for dirpath, dirnames, filenames in os.walk(ckpts):
+            for name in dirnames:
+                os.chmod(os.path.join(dirpath, name), 0o755)
+            for name in filenames:
+                os.chmod(os.path.join(dirpath, name), 0o644)
+        os.chmod(os.path.join(ckpts, "run-a", "checkpoint-2", "adapter_model.safetensors"), 0o000)
+        os.chmod(os.path.join(ckpts, "untrained", "adapter_config.json"), 0o000)
+        os.makedirs(os.path.join(ckpts, "locked", "checkpoint-9"))
+        os.chmod(os.path.join(ckpts, "locked"), 0o000)
+        as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        result = subprocess.run([*as_nobody, *gate_cmd("scan", ckpts, "--json")], capture_output=True, text=True)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        rows = {r["name"]: r for r in json.loads(result.stdout)}
+        assert "cannot be read (Permission denied); check its permissions" in rows["run-a/checkpoint-2"]["reason"]
+        assert "cannot be read (Permission denied); check its permissions" in rows["untrained"]["reason"]
+        assert rows["run-a/checkpoint-4"]["status"] == "ok"
+        assert "locked: cannot be read (Permission denied); check its permissions" in result.stderr
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_ctrl_c_during_scoring_exits_130_and_the_rerun_finishes(world, tmp_path):
+    import time
+
+    from conftest import write_jsonl
+    from gate.runner.example import toy_sentences
+
+    write_jsonl(tmp_path / "big.jsonl", [{"text": t} for t in toy_sentences(1500, 21)])
+    config = tmp_path / "gate.yaml"
+    config.write_text(f"base: {world.base}\nsuites:\n  - {{name: big, path: {tmp_path / 'big.jsonl'}}}\n")
+    out = tmp_path / "out"
+    cmd = gate_cmd("run", world.checkpoints, "--config", config, "--out", out, "-q", "--device", "cpu")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    rows = 0
+    while rows == 0 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+        try:
+            rows = sqlite3.connect(out / "gate.sqlite").execute("SELECT COUNT(*) FROM suite_scores").fetchone()[0]
+        except sqlite3.Error:
+            rows = 0
+    assert proc.poll() is None, "the run finished before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "interrupted: every finished score is kept" in stderr and "Traceback" not in stderr
+    stored = store_ok(out)
+    assert 1 <= stored < 4
+    again = subprocess.run(cmd, capture_output=True, text=True)
+    assert again.returncode == 0 and f"computed {4 - stored} model x suite score(s), reused {stored}" in again.stdout

@@ -201,3 +201,9 @@ def test_cli_report_regenerates_everything(tmp_path, rendered):
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == f"report: {tmp_path / 'report.html'}  (also summary.md, junit.xml)"
     assert all((tmp_path / f).is_file() for f in ("report.html", "summary.md", "junit.xml"))
+
+
+def test_markdown_carries_no_html_from_data(rendered):
+    text = rendered[2]["markdown"].read_text()
+    assert "<script" not in text and "<img" not in text  # checkpoint names are escaped
+    assert "&lt;script&gt;" in text

@@ -13,7 +13,7 @@ def render_markdown(view: ReportView, report_name: str = "report.html") -> str:
     verdict = view.verdict
     head = [MARKER]
     if verdict.selected:
-        head.append(f"## gate: ✅ `{verdict.selected}` may ship")
+        head.append(f"## gate: ✅ {_code(_escape(verdict.selected))} may ship")
     else:
         head.append("## gate: ❌ no checkpoint may ship")
     head += ["", _escape(verdict.reason), ""]
@@ -21,7 +21,7 @@ def render_markdown(view: ReportView, report_name: str = "report.html") -> str:
     table = ["| checkpoint | step | verdict | " + " | ".join(_escape(c.title) for c in view.columns) + " |"]
     table.append("| --- | --- | --- | " + " | ".join("---" for _ in view.columns) + " |")
     for row in view.rows:
-        name = f"**`{row.name}`** ★" if row.selected else f"`{row.name}`"
+        name = f"**{_code(_escape(row.name))}** ★" if row.selected else _code(_escape(row.name))
         cells = [f"{EMOJI[c.outcome]} {_escape(c.value)}" for c in row.cells]
         verdict_cell = f"{EMOJI.get(row.verdict, '')} {MARKS.get(row.verdict, ('', row.verdict))[1]}"
         table.append(f"| {name} | {row.step if row.step is not None else '—'} | {verdict_cell} | " + " | ".join(cells) + " |")
@@ -35,4 +35,11 @@ def render_markdown(view: ReportView, report_name: str = "report.html") -> str:
 
 
 def _escape(text: str) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
+    """Text safe in a table cell of GitHub Markdown, which renders inline HTML: no tags, no pipes."""
+    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|").replace("\n", " ")
+
+
+def _code(text: str) -> str:
+    """A code span that a name containing backticks cannot break out of."""
+    fence = "``" if "`" in text else "`"
+    return f"{fence} {text} {fence}" if fence == "``" else f"`{text}`"
