@@ -30,7 +30,7 @@ import numpy as np
 from gate.config import LOWER_IS_BETTER, Gate, Policy
 from gate.errors import GateError
 from gate.results import ModelResult, Results
-from gate.stats import BinomialValue, PairedBinary, PairedBootstrap, ValueBootstrap, holm, minimum_detectable_effect
+from gate.stats import BinomialValue, PairedBinary, PairedBootstrap, ValueBootstrap, holm, minimum_detectable_effect, ratio_value
 from gate.verdict import VERDICT_SCHEMA_VERSION, Check, CheckpointVerdict, Verdict
 
 ROLLING = {"word_perplexity": ("words", "exp"), "byte_perplexity": ("bytes", "exp"), "bits_per_byte": ("bytes", "bits")}
@@ -327,14 +327,9 @@ def _rank_key(policy: Policy, base: ModelResult, ckpt: ModelResult, suite: str, 
     data = paired(suite, metric, base, ckpt)
     if part is not None:
         data = data.subset(_part_mask(data.ids, policy.confirm, part))
-    value = _value(data.checkpoint, data.weights, data.transform)
+    value = ratio_value(data.checkpoint, data.weights, data.transform)
     signed = value if metric in LOWER_IS_BETTER else -value
     return (signed, ckpt.step if ckpt.step is not None else math.inf, ckpt.name)
-
-
-def _value(numerators: np.ndarray, weights: np.ndarray, transform: str) -> float:
-    u = float(numerators.sum() / weights.sum())
-    return {"exp": math.exp(u), "bits": u / math.log(2)}.get(transform, u)
 
 
 def _reason(c: Check, alpha: float) -> str:

@@ -15,7 +15,7 @@ import re
 import struct
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from gate.errors import CheckpointError
 from gate.hashing import HashCache, file_fingerprint, sha256_files
@@ -153,12 +153,17 @@ def scan(
 
 def _sort_key(c: Checkpoint) -> tuple:
     """Group a run's checkpoint-N folders with the run's own folder, then order by step."""
-    path = Path(c.name)
-    run = path.parent if CHECKPOINT_DIR.match(path.name) else path
-    return (_natural(run.as_posix()), c.step if c.step is not None else float("inf"), _natural(c.name))
+    return (natural_key(run_of(c.name)), c.step if c.step is not None else float("inf"), natural_key(c.name))
 
 
-def _natural(text: str) -> list:
+def run_of(name: str) -> str:
+    """The run a checkpoint belongs to: the folder holding its checkpoint-N folder, else itself."""
+    path = PurePosixPath(name)
+    return path.parent.as_posix() if CHECKPOINT_DIR.match(path.name) else name
+
+
+def natural_key(text: str) -> list:
+    """Sort key in which digits compare as numbers: checkpoint-20 before checkpoint-100."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 

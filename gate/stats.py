@@ -74,8 +74,8 @@ class PairedBootstrap:
         self.n = len(base)
         self.relative = relative
         self._f = _TRANSFORMS[transform]
-        self.base_value = self._f(base.sum() / weights.sum())
-        self.value = self._f(checkpoint.sum() / weights.sum())
+        self.base_value = ratio_value(base, weights, transform)
+        self.value = ratio_value(checkpoint, weights, transform)
         self.effect = self._effect(self.base_value, self.value)
         draws = []
         for start in range(0, iterations, _CHUNK):
@@ -275,8 +275,14 @@ def clopper_pearson(successes: int, n: int, alpha: float) -> tuple[float, float]
     return low, high
 
 
+def ratio_value(numerators, weights, transform: str) -> float:
+    """value = f(sum numerators / sum weights): corpus perplexity (exp), bits per byte, or a mean."""
+    return float(_TRANSFORMS[transform](np.sum(numerators) / np.sum(weights)))
+
+
 _TRANSFORMS = {
     "exp": np.exp,
     "bits": lambda u: u / math.log(2),
     "identity": lambda u: u,
+    "binary": lambda u: u,  # the mean of 0/1 values: accuracy
 }

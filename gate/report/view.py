@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
 
 from gate.config import LOWER_IS_BETTER
 from gate.results import ModelResult, Results
+from gate.scan import run_of
 from gate.verdict import Check, CheckpointVerdict, Verdict
 
 MARKS = {
@@ -206,12 +205,6 @@ def _drilldown(v: CheckpointVerdict, base: ModelResult, ckpt: ModelResult, resul
                 gained.append(ItemFlip(item.id, item.excerpt))
         down.lost[name], down.gained[name] = lost[:flips], gained[:flips]
     return down
-
-
-def run_of(name: str) -> str:
-    """The run a checkpoint belongs to: the folder holding its checkpoint-N folder."""
-    path = PurePosixPath(name)
-    return str(path.parent) if re.fullmatch(r"checkpoint-\d+", path.name) else name
 
 
 def _notes(results: Results, verdict: Verdict) -> list[str]:

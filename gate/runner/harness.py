@@ -28,6 +28,7 @@ from gate.config import SuiteSpec
 from gate.errors import SuiteError
 from gate.hashing import sha256_json
 from gate.results import ItemScore, TaskScore
+from gate.scan import natural_key
 
 SEEDS = {"random_seed": 0, "numpy_random_seed": 1234, "torch_random_seed": 1234, "fewshot_random_seed": 1234}
 
@@ -199,7 +200,7 @@ def task_score(suite: str, prepared: PreparedTask, out: dict) -> TaskScore:
         task=prepared.spec.task,
         metric=prepared.metric if prepared.metric in metrics else next(iter(metrics), ""),
         metrics=metrics,
-        items=[items[k] for k in sorted(items, key=_natural)],
+        items=[items[k] for k in sorted(items, key=natural_key)],
         num_fewshot=out.get("n-shot", {}).get(headline, prepared.spec.num_fewshot),
         limit=prepared.spec.limit,
         versions={k: v for k, v in out.get("versions", {}).items()},
@@ -225,12 +226,6 @@ def _excerpt(sample: dict, limit: int = 240) -> str:
     target = sample.get("target")
     text = prompt if len(prompt) <= limit else "…" + prompt[-(limit - 1) :]
     return f"{text} ⟶ {target}" if target not in (None, "") else text
-
-
-def _natural(text: str) -> list:
-    import re
-
-    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", text)]
 
 
 class _TaskYamlLoader(yaml.SafeLoader):

@@ -134,8 +134,8 @@ def run(request: RunRequest, progress: ProgressFn = no_progress) -> RunOutcome:
         adapters = [p for p in checkpoints if p.checkpoint.kind == "lora"]
         fulls = [p for p in checkpoints if p.checkpoint.kind == "full"]
 
-        # 2. Tokenize perplexity suites once, for all models.
-        needed = {s for _, s in todo}
+        # 2. Tokenize perplexity suites once, for all models (only those this run may compute).
+        needed = {s for m, s in todo if _allowed(request, m, s)}
         progress(ProgressEvent("stage", message="tokenizing suites"))
         encoded = {s.name: encode_suite(s, tokenizer) for s in request.suites if s.name in needed}
         scorer = _Scorer(
@@ -306,6 +306,11 @@ def _funnel(request: RunRequest, checkpoints: list[ModelPlan], task_suites, stor
     return selected
 
 
+def _allowed(request: RunRequest, model: str, suite: str) -> bool:
+    """Whether this run may compute the pair (``only`` is a distributed worker's or shard's share)."""
+    return request.only is None or suite in request.only.get(model, ())
+
+
 def _fail(plan: ModelPlan, err: GateError, outcome: RunOutcome) -> None:
     plan.result.status = "error"
     plan.result.reason = str(err)
@@ -337,9 +342,8 @@ class _Scorer:
         return plan.result.status == "ok" and any(self._due(plan.name, s) for s in suites)
 
     def _due(self, model: str, suite: str) -> bool:
-        """Missing from the store, and this run's to compute (``only`` is a worker's share)."""
-        only = self.request.only
-        return (model, suite) in self.todo and (only is None or suite in only.get(model, ()))
+        """Missing from the store, and this run's to compute."""
+        return (model, suite) in self.todo and _allowed(self.request, model, suite)
 
     def adapter(self, base: _LoadedBase, plan: ModelPlan, suites: list[str]) -> None:
         if not self.needs(plan, suites):
@@ -383,10 +387,10 @@ class _Scorer:
             if not self._due(plan.name, suite) or plan.result.status != "ok":
                 continue
             try:
-                if suite in self.encoded:
-                    self._perplexity(model, plan, suite)
-                else:
+                if suite in self.tasks:
                     self._task(model, plan, suite)
+                else:
+                    self._perplexity(model, plan, suite)
             except StoreError:
                 raise  # the disk, not this checkpoint: stop the run; what is stored stays stored
             except RunFailure as err:
