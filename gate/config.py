@@ -22,6 +22,10 @@
       - {suite: arith, metric: acc, min: 0.6}                       # absolute floor
       - {suite: french, metric: perplexity, max_increase: 5%, informational: true}
     select: style.perplexity             # ranks the passing checkpoints
+    contamination:                       # do the suites repeat the training data? (gate.overlap)
+      training_data: [data/train.jsonl]  # relative to this file
+      suites: [known-good]               # default: every perplexity suite
+      n: 8                               # words per n-gram
     reference: release                   # also gate against the blessed release (or a checkpoint name)
     alpha: 0.05
     confirm: 0.5                         # select on half the items, certify on the other half
@@ -51,7 +55,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 SUITE_TYPES = ("perplexity", "lm_eval")
 TOP_KEYS = {
     "base", "suites", "device", "dtype", "batch_size", "max_length", "stride", "funnel",
-    "gates", "select", "alpha", "confirm", "seed", "bootstrap_iterations", "reference",
+    "gates", "select", "alpha", "confirm", "seed", "bootstrap_iterations", "reference", "contamination",
 }
 GATE_BOUNDS = {
     # bound: (kind, which direction is harm for it: the metric must be lower-is-better or not)
@@ -96,6 +100,18 @@ class SuiteSpec:
     @property
     def use_chat_template(self) -> bool:
         return self.chat_template if self.chat_template is not None else self.type == "perplexity"
+
+
+@dataclass
+class Contamination:
+    """Check that suites do not repeat the training data (word n-gram overlap; see gate.overlap)."""
+
+    training_data: list[str]
+    """Training files (absolute paths; relative ones in gate.yaml are resolved against it)."""
+    suites: list[str]
+    """Perplexity suites to check."""
+    n: int = 8
+    """Words per n-gram."""
 
 
 @dataclass
@@ -191,6 +207,8 @@ class GateConfig:
     """Sliding-window step for documents longer than max_length; None uses max_length // 2."""
     funnel: Funnel | None = None
     """Cheap checks on every checkpoint, lm_eval suites on the top k only."""
+    contamination: Contamination | None = None
+    """Overlap check between suites and the training data (None: not checked)."""
     policy: Policy | None = None
     """The release policy (gates, select, alpha); default: no perplexity suite may rise > 5%."""
 
@@ -216,7 +234,7 @@ def find_config(explicit: str | None, checkpoints_dir: str | None) -> Path | Non
 def load_config(path: str | Path | None) -> GateConfig:
     """Read gate.yaml (or return the defaults when ``path`` is None). Raises ConfigError."""
     if path is None:
-        suites = [_builtin_spec(n) for n in DEFAULT_SUITES]
+        suites = [builtin_spec(n) for n in DEFAULT_SUITES]
         return GateConfig(suites=suites, policy=default_policy(suites))
     path = Path(path)
     try:
@@ -245,6 +263,7 @@ def load_config(path: str | Path | None) -> GateConfig:
     config.stride = _positive_int(raw, "stride", None, "", problems)
     config.suites = _suites(raw.get("suites"), path.parent.resolve(), problems)
     config.funnel = _funnel(raw.get("funnel"), config.suites, problems)
+    config.contamination = _contamination(raw.get("contamination"), config.suites, path.parent.resolve(), problems)
     config.policy = _policy(raw, config.suites, problems)
     if problems:
         raise ConfigError(str(path), problems)
@@ -253,7 +272,7 @@ def load_config(path: str | Path | None) -> GateConfig:
 
 def _suites(value: object, folder: Path, problems: list[str]) -> list[SuiteSpec]:
     if value is None:
-        return [_builtin_spec(n) for n in DEFAULT_SUITES]
+        return [builtin_spec(n) for n in DEFAULT_SUITES]
     if not isinstance(value, list) or not value:
         problems.append("suites: must be a non-empty list of {name, type, path|task} entries")
         return []
@@ -360,6 +379,37 @@ def _funnel(value: object, suites: list[SuiteSpec], problems: list[str]) -> Funn
     return Funnel(top_k=top_k, suite=suite, metric=metric)
 
 
+def _contamination(value: object, suites: list[SuiteSpec], folder: Path, problems: list[str]) -> Contamination | None:
+    if value is None:
+        return None
+    usage = "contamination: must be a mapping {training_data: [files], suites: [names], n: 8}"
+    if not isinstance(value, dict):
+        problems.append(usage)
+        return None
+    _unknown_keys(value, {"training_data", "suites", "n"}, "contamination.", problems)
+    files = value.get("training_data")
+    files = [files] if isinstance(files, str) else files
+    if not isinstance(files, list) or not files or not all(isinstance(f, str) for f in files):
+        problems.append("contamination.training_data: must list the training files (paths relative to gate.yaml)")
+        return None
+    resolved = []
+    for f in files:
+        path = (folder / f).resolve()
+        if not path.is_file():
+            problems.append(f"contamination.training_data: {f}: file not found (looked at {path})")
+        resolved.append(str(path))
+    perplexity = [s.name for s in suites if s.type == "perplexity"]
+    names = value.get("suites", perplexity)
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        problems.append("contamination.suites: must list perplexity suite names")
+        names = []
+    for name in names:
+        if name not in perplexity:
+            problems.append(f"contamination.suites: {name!r} is not a perplexity suite of this config (choices: {', '.join(perplexity) or 'none'})")
+    n = _positive_int(value, "n", 8, "contamination.", problems)
+    return Contamination(training_data=resolved, suites=[n_ for n_ in names if n_ in perplexity], n=n or 8)
+
+
 def default_policy(suites: list[SuiteSpec]) -> Policy:
     """Without `gates:`: every perplexity suite is a guardrail that may not rise more than 5%."""
     gates = [
@@ -461,7 +511,8 @@ def _suite_metric(text: object, suites: list[SuiteSpec], where: str, problems: l
     return suite, metric
 
 
-def _builtin_spec(name: str) -> SuiteSpec:
+def builtin_spec(name: str) -> SuiteSpec:
+    """The SuiteSpec of a built-in suite (suites/builtin.yaml)."""
     problems: list[str] = []
     spec = _suite({"name": name}, 0, builtin_suites_dir(), problems)
     if problems or spec is None:  # a broken install, not a user error

@@ -7,11 +7,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gate.config import Funnel, GateConfig, Policy, SuiteSpec, find_config, load_config
+from gate.config import Funnel, GateConfig, Policy, SuiteSpec, builtin_spec, find_config, load_config
 from gate.errors import BaseModelError, CheckpointError, ConfigError, SuiteError
+from gate.overlap import Overlap, document_segments, overlap, suite_file_segments, training_ngrams
 from gate.scan import ScanReport, scan
 from gate.store import STORE_NAME, ResultsStore
-from gate.suites import Suite, load_suite
+from gate.suites import Suite, builtin_entries, load_suite
 
 
 @dataclass
@@ -59,6 +60,8 @@ class RunRequest:
     """Checkpoint name -> (reason, exit code) of failures that happened elsewhere (other workers)."""
     keep_base_loaded: bool = False
     """Keep the loaded base in this process between runs (long-lived workers)."""
+    overlaps: list[Overlap] = field(default_factory=list)
+    """The contamination check's findings (gate.yaml ``contamination:``)."""
     warnings: list[str] = field(default_factory=list)
     """Warnings gathered while preparing the run."""
 
@@ -124,6 +127,7 @@ def prepare_run(
     if limit is not None:
         config.suites = [dataclasses.replace(spec, limit=limit) for spec in config.suites]
     suites = load_suites(config)
+    overlaps = check_contamination(config, suites)
     with ResultsStore(out_dir / STORE_NAME) as store:
         report = scan(directory, allow_pickle=allow_pickle, base=base or config.base, hash_cache=store.hash_cache)
     if not report.checkpoints:
@@ -149,7 +153,42 @@ def prepare_run(
         command=command,
         config_path=str(Path(found).resolve()) if found else None,
         policy=config.policy,
+        overlaps=overlaps,
+        warnings=[o.summary() + ": the suite does not measure what the model has not seen" for o in overlaps if not o.clean],
     )
+
+
+def overlap_documents(ref: str, config_path: str | Path | None = None) -> tuple[str, dict[str, list[str]]]:
+    """`gate overlap`'s SUITE: a JSONL file, else a perplexity suite of gate.yaml, else a built-in one."""
+    if Path(ref).is_file():
+        return Path(ref).stem, suite_file_segments(ref)
+    config = load_config(find_config(str(config_path) if config_path else None, None))
+    specs = {s.name: s for s in config.suites}
+    spec = specs.get(ref) or (builtin_spec(ref) if ref in builtin_entries() else None)
+    if spec is None:
+        known = sorted(set(specs) | set(builtin_entries()))
+        raise SuiteError(f"{ref}: neither a file nor a suite of gate.yaml or the built-ins ({', '.join(known)}); give a JSONL file or a suite name")
+    if spec.type != "perplexity":
+        raise SuiteError(f"{ref}: an lm-eval suite; give its data file instead (a JSONL file, e.g. the task's test split)")
+    suite = load_suite(spec.name, spec.path, chat_template=spec.use_chat_template, limit=spec.limit)
+    return suite.name, {d.id: document_segments(d) for d in suite.documents}
+
+
+def check_contamination(config: GateConfig, suites: list[Suite]) -> list[Overlap]:
+    """The config's contamination check: each listed suite against each training file."""
+    check = config.contamination
+    if check is None:
+        return []
+    by_name = {s.name: s for s in suites}
+    out = []
+    for path in check.training_data:
+        grams = training_ngrams(path, check.n)
+        out += [
+            overlap(name, {d.id: document_segments(d) for d in by_name[name].documents}, path, n=check.n, grams=grams)
+            for name in check.suites
+            if name in by_name
+        ]
+    return out
 
 
 def no_checkpoints_message(directory: Path) -> str:

@@ -22,6 +22,8 @@ class ProgressEvent:
     """Documents finished so far in this model x suite."""
     total: int = 0
     """Documents in this model x suite."""
+    unit: str = "documents"
+    """What ``done`` and ``total`` count (``documents``; ``steps`` for training)."""
 
 
 ProgressFn = Callable[[ProgressEvent], None]

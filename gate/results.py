@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from gate.errors import GateError, RunFailure
+from gate.overlap import Overlap
 
 SCHEMA_VERSION = 1
 
@@ -214,6 +215,12 @@ class SuiteInfo:
     """lm_eval: task versions."""
     excerpts: dict[str, str] = field(default_factory=dict)
     """perplexity: document id -> a short excerpt of its text, for reports."""
+    overlap: list[Overlap] = field(default_factory=list)
+    """Contamination check against each training file (gate.yaml ``contamination:``); empty: not checked."""
+
+    @classmethod
+    def from_json(cls, obj: dict) -> SuiteInfo:
+        return cls(**{**obj, "overlap": [Overlap.from_json(o) for o in obj.get("overlap", [])]})
 
 
 @dataclass
@@ -304,7 +311,7 @@ class Results:
             settings=RunSettings(**obj["settings"]),
             base=ModelResult.from_json(obj["base"]),
             checkpoints=[ModelResult.from_json(c) for c in obj["checkpoints"]],
-            suites=[SuiteInfo(**s) for s in obj["suites"]],
+            suites=[SuiteInfo.from_json(s) for s in obj["suites"]],
             warnings=obj.get("warnings", []),
             config=obj.get("config"),
         )  # "partial" is derived from the suites

@@ -178,15 +178,6 @@ def test_run_runtime_failure_exits_3(cli, world, tmp_path):
     assert "non-finite log-likelihood" in result.stderr
 
 
-def test_demo_runs_on_the_tiny_example(cli, tmp_path):
-    demo = tmp_path / "demo"
-    result = invoke(cli, "demo", "--dir", demo, "--out", tmp_path / "out", "-q")
-    assert result.exit_code == 0, result.output
-    assert "demo done: the base and 6 checkpoints scored" in result.stdout
-    again = invoke(cli, "demo", "--dir", demo, "--out", tmp_path / "out", "-q")
-    assert "computed 0 model x suite score(s), reused 14 from the store" in again.stdout
-
-
 @pytest.fixture
 def ran(cli, world, tmp_path):
     out = tmp_path / "out"
@@ -294,3 +285,26 @@ def test_executor_ray_without_ray_says_how_to_install(cli, world, tmp_path, monk
     result = invoke(cli, "run", world.checkpoints, "--config", world.config, "--out", tmp_path / "o", "--executor", "ray", "-q")
     assert result.exit_code == 2
     assert "pip install 'gate[ray]'" in result.stderr
+
+
+def test_run_records_the_contamination_check_in_results_and_reports(cli, world, tmp_path):
+    text_rows = [json.loads(line) for line in (world.suites / "text.jsonl").read_text().splitlines()]
+    train = tmp_path / "train.jsonl"
+    train.write_text(json.dumps({"text": "Something else entirely. " + text_rows[0]["text"]}) + "\n")
+    config = tmp_path / "gate.yaml"
+    config.write_text(
+        world.config.read_text() + f"contamination: {{training_data: [{train}], suites: [text, prompt]}}\n"
+    )
+    out = tmp_path / "out"
+    result = invoke(cli, "run", world.checkpoints, "--config", config, "--out", out, "-q")
+    assert result.exit_code in (0, 1), result.output
+    results = json.loads((out / "results.json").read_text())
+    overlaps = {s["name"]: s["overlap"] for s in results["suites"]}
+    assert overlaps["messages"] == [] and len(overlaps["prompt"]) == 1 and overlaps["prompt"][0]["contaminated"] == {}
+    [text] = overlaps["text"]
+    assert text["n"] == 8 and text["documents"] == 13 and text["training_file"] == str(train)
+    assert 1 <= len(text["contaminated"]) < 13 and max(text["contaminated"].values()) == 1.0
+    assert any("text: " in w and "share 8 consecutive words with train.jsonl" in w for w in results["warnings"])
+    html = (out / "report.html").read_text()
+    assert "Contamination check" in html and "✗ text: " in html and "✓ prompt: none of 5 documents" in html
+    assert "Contamination check: ❌ text:" in (out / "summary.md").read_text()

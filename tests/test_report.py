@@ -5,14 +5,13 @@ from __future__ import annotations
 import re
 import shutil
 import xml.etree.ElementTree as ET
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from gate.config import Gate, Policy
 from gate.policy import evaluate
-from gate.report import MARKER, build_view, render_html, render_junit, render_markdown, write_reports
+from gate.report import MARKER, build_view, render_markdown, write_reports
 from gate.results import DocumentScore, ItemScore, ModelResult, Results, RunSettings, SuiteInfo, SuiteScore, TaskScore
 
 EVIL = "<script>alert('gate')</script><img src=x onerror=alert(1)>"

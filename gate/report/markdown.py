@@ -26,6 +26,8 @@ def render_markdown(view: ReportView, report_name: str = "report.html") -> str:
         verdict_cell = f"{EMOJI.get(row.verdict, '')} {MARKS.get(row.verdict, ('', row.verdict))[1]}"
         table.append(f"| {name} | {row.step if row.step is not None else '—'} | {verdict_cell} | " + " | ".join(cells) + " |")
     tail = ["", "Policy: " + "; ".join(f"`{g}`" for g in verdict.policy.get("gates", [])), ""]
+    if view.overlaps:
+        tail += ["Contamination check: " + "; ".join(("✅ " if o.clean else "❌ ") + _escape(o.summary()) for o in view.overlaps), ""]
     tail.append(f"Full report with plots and per-document drill-down: `{report_name}` (in the run's output folder or CI artifact).")
     body = "\n".join(head + table + tail) + "\n"
     while len(body.encode()) > MAX_BYTES and len(table) > 3:

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 
 from gate.config import LOWER_IS_BETTER
+from gate.overlap import Overlap
 from gate.results import ModelResult, Results
 from gate.scan import run_of
 from gate.verdict import Check, CheckpointVerdict, Verdict
@@ -111,6 +112,14 @@ class ReportView:
     drilldowns: list[DrillDown]
     notes: list[str]
     provenance: list[tuple[str, str]]
+    overlaps: list[Overlap]
+    """The contamination check's findings, one per suite x training file (empty: not configured)."""
+
+    def contaminated_examples(self, o: Overlap, limit: int = 10) -> list[tuple[str, float, str]]:
+        """The most contaminated documents of one finding: (id, share, excerpt)."""
+        suite = next((s for s in self.results.suites if s.name == o.suite), None)
+        worst = sorted(o.contaminated.items(), key=lambda kv: (-kv[1], kv[0]))[:limit]
+        return [(i, share, suite.excerpts.get(i, "") if suite else "") for i, share in worst]
 
 
 def build_view(results: Results, verdict: Verdict, top: int = 5, flips: int = 10) -> ReportView:
@@ -120,7 +129,8 @@ def build_view(results: Results, verdict: Verdict, top: int = 5, flips: int = 10
     drilldowns = [
         _drilldown(v, results.base, by_name[v.name], results, top, flips) for v in verdict.checkpoints if v.name in by_name
     ]
-    return ReportView(verdict, results, columns, rows, drilldowns, _notes(results, verdict), _provenance(results, verdict))
+    overlaps = [o for s in results.suites for o in s.overlap]
+    return ReportView(verdict, results, columns, rows, drilldowns, _notes(results, verdict), _provenance(results, verdict), overlaps)
 
 
 def _columns(verdict: Verdict) -> list[Column]:

@@ -1,6 +1,6 @@
 """Tiny real models and LoRA checkpoints, built offline in seconds.
 
-Used by the tests (fixtures) and by ``gate demo``: a Llama-style model from a config, a byte-level
+Used by the tests (fixtures) and the quick benchmarks: a Llama-style model from a config, a byte-level
 BPE tokenizer trained locally, a short pre-training so the base knows its toy language, and real
 peft LoRA checkpoints trained with the Hugging Face Trainer (so the folders look exactly like a
 user's: ``checkpoint-N/`` with adapter files, trainer_state.json, optimizer state).
@@ -8,9 +8,7 @@ user's: ``checkpoint-N/`` with adapter files, trainer_state.json, optimizer stat
 
 from __future__ import annotations
 
-import json
 import random
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -197,46 +195,3 @@ def save_untrained_adapter(base_dir: Path, out_dir: Path, *, r: int = 4, seed: i
     )
     peft_model.save_pretrained(out_dir)
     return out_dir
-
-
-@dataclass
-class Example:
-    """A ready-made example: a base, a folder of checkpoints, a suite and a gate.yaml."""
-
-    base: Path
-    """The tiny base model folder."""
-    checkpoints: Path
-    """Folder holding the runs' checkpoints."""
-    config: Path
-    """gate.yaml naming the base and the suites."""
-
-
-def build_example(root: Path, *, seed: int = 0) -> Example:
-    """The `gate demo` example: a pre-trained tiny base, a healthy run and a narrow run."""
-    root = Path(root)
-    marker = root / "example.json"
-    example = Example(base=root / "base", checkpoints=root / "checkpoints", config=root / "gate.yaml")
-    if marker.is_file():
-        return example
-    build_base(example.base, seed=seed, pretrain_steps=150)
-    mixed = toy_sentences(200, seed + 2) + arithmetic_lines(100, seed + 2)
-    train_lora_run(example.base, example.checkpoints / "run-mixed", mixed, steps=30, save_steps=10, learning_rate=3e-3)
-    narrow = arithmetic_lines(400, seed + 3)
-    train_lora_run(example.base, example.checkpoints / "run-narrow", narrow, steps=30, save_steps=10, learning_rate=2e-2)
-    data = root / "data"
-    data.mkdir(exist_ok=True)
-    held_out = toy_sentences(60, seed + 99)
-    (data / "toy-known-good.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in held_out))
-    task = arithmetic_lines(40, seed + 98)
-    (data / "arithmetic.jsonl").write_text(
-        "".join(json.dumps({"prompt": t.rsplit(" is ", 1)[0] + " is", "completion": " " + t.rsplit(" is ", 1)[1]}) + "\n" for t in task)
-    )
-    example.config.write_text(
-        "# gate demo: the tiny example's configuration\n"
-        f"base: {example.base}\n"
-        "suites:\n"
-        "  - name: known-good-toy\n    path: data/toy-known-good.jsonl\n"
-        "  - name: arithmetic\n    path: data/arithmetic.jsonl\n    chat_template: false\n"
-    )
-    marker.write_text(json.dumps({"seed": seed}))
-    return example

@@ -441,7 +441,7 @@ class _Scorer:
             batch_size=self.request.batch_size,
             device=self.device,
             max_length=self.max_length,
-            progress_bars=self.progress is not no_progress,
+            progress_bars=False,  # gate's own progress display covers the task; lm-eval's bars would garble it
         )
         self.store.put_task(plan.identities[suite], score, self._provenance(began, self.request.batch_size))
         self.progress(ProgressEvent("done", model=plan.name, suite=suite, done=task.n_documents, total=task.n_documents))
@@ -472,6 +472,7 @@ def _assemble(request, plans: list[ModelPlan], tasks, settings, store: ResultsSt
             chat_template=s.chat_template,
             limit=s.options.get("limit"),
             excerpts={d.id: d.excerpt() for d in s.documents},
+            overlap=[o for o in request.overlaps if o.suite == s.name],
         )
         for s in request.suites
     ] + [
