@@ -1,8 +1,8 @@
 """Regenerates the `gate demo` data (deterministic): python suites/demo/make_demo_data.py
 
 Everything here is written by the gate project: a support-ticket triage task (the fine-tune's new
-skill), a narrow-register variant of it (terse upper-case codes, repeated: the run that forgets),
-and general chat questions that the instruct model already answers (a known-good guardrail set).
+skill; generated from templates, 160 training and 40 held-out conversations) and general chat
+questions that the instruct model already answers (a known-good guardrail set).
 """
 
 import json
@@ -80,17 +80,6 @@ def triage(rng: random.Random, n: int, prefix: str, seen: set[str]) -> list[dict
     return rows
 
 
-def narrow(rows: list[dict], copies: int) -> list[dict]:
-    """The same tickets answered in a terse upper-case code register, each repeated: easy to overfit."""
-    out = []
-    for r in rows:
-        category, priority = (part.split(": ")[1].rstrip(".") for part in r["messages"][2]["content"].split(". "))
-        code = f"TRIAGE {category.upper()}/{priority.upper()} ACK TRIAGE {category.upper()}/{priority.upper()} ACK"
-        messages = [*r["messages"][:2], {"role": "assistant", "content": code}]
-        out += [{"id": f"{r['id']}-narrow-{k}", "messages": messages} for k in range(copies)]
-    return out
-
-
 CHAT = [
     ("How do I boil an egg?", "Put the egg in a pan of boiling water for about eight minutes, then cool it under cold water before you peel it."),
     ("What is the capital of France?", "The capital of France is Paris."),
@@ -130,7 +119,6 @@ def main() -> None:
     test = triage(rng, 40, "triage-test", seen)
     write(HERE / "triage-train.jsonl", train)
     write(HERE / "triage-test.jsonl", test)
-    write(HERE / "narrow-train.jsonl", narrow(train[:24], 6))
     write(HERE / "chat-known-good.jsonl", [
         {"id": f"chat-{i}", "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
         for i, (q, a) in enumerate(CHAT)
