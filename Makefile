@@ -13,7 +13,7 @@ BIN := $(VENV)/bin
 
 .PHONY: install demo test clean
 
-$(BIN)/.gate-installed: pyproject.toml
+$(BIN)/.gate-installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"

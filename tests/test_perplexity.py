@@ -197,3 +197,42 @@ def test_non_finite_likelihood_is_reported_not_averaged(world, tokenizer):
     suite = load_suite("text", world.suites / "text.jsonl")
     with pytest.raises(RunFailure, match="non-finite log-likelihood"):
         gate_scores(broken, tokenizer, suite)
+
+
+def _lm_eval_rolling(model, tokenizer, texts: list[str]) -> list[float]:
+    """lm-eval's own loglikelihood_rolling (the request behind its wikitext perplexity) on the same model."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4, device="cpu", max_length=CONTEXT)
+    requests = [Instance(request_type="loglikelihood_rolling", doc={}, arguments=(t,), idx=i) for i, t in enumerate(texts)]
+    return lm.loglikelihood_rolling(requests, disable_tqdm=True)
+
+
+def test_text_perplexity_equals_lm_evals_rolling_loglikelihood(world, model, tmp_path):
+    """Documents within the context, a tokenizer that adds no BOS itself (SmolLM2's, GPT-2's):
+    gate's summed nll is exactly minus lm-eval's rolling log-likelihood, document by document."""
+    plain = AutoTokenizer.from_pretrained(world.base)
+    plain._tokenizer.post_processor = None  # like SmolLM2's tokenizer: encode() adds nothing
+    suite = load_suite("text", world.suites / "text.jsonl")
+    docs = encode_suite(suite, plain)
+    ours, _ = score_documents(model, docs, max_length=CONTEXT, stride=CONTEXT // 2, batch_size=4, device=torch.device("cpu"), pad_id=plain.pad_token_id)
+    theirs = _lm_eval_rolling(model, plain, [d.text for d in suite.documents])
+    assert [r.nll for r in ours] == pytest.approx([-x for x in theirs], rel=1e-5)
+
+
+def test_with_a_bos_adding_tokenizer_lm_eval_also_scores_a_second_bos(world, model, tokenizer):
+    """lm-eval prefixes BOS to a token list that already starts with the tokenizer's own BOS: it
+    scores [BOS, BOS, text...] from the second position, one token more than gate, which scores
+    each text token once after one BOS. Pinned so that a change on either side shows up."""
+    suite = load_suite("text", world.suites / "text.jsonl")
+    docs = encode_suite(suite, tokenizer)
+    ours, _ = score_documents(model, docs, max_length=CONTEXT, stride=CONTEXT // 2, batch_size=4, device=torch.device("cpu"), pad_id=tokenizer.pad_token_id)
+    short = [i for i, d in enumerate(docs) if len(d.input_ids) < CONTEXT]  # one window on both sides
+    texts = [suite.documents[i].text for i in short]
+    theirs = _lm_eval_rolling(model, tokenizer, texts)
+    bos = tokenizer.bos_token_id
+    doubled = [[bos, *tokenizer(t)["input_ids"]] for t in texts]
+    assert all(ids[1] == bos for ids in doubled)  # the tokenizer adds BOS itself
+    assert [-x for x in theirs] == pytest.approx([reference_nll(model, ids, range(1, len(ids))) for ids in doubled], rel=1e-5)
+    assert all(-t > ours[i].nll for t, i in zip(theirs, short))  # the extra, unlikely BOS costs nll

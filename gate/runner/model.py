@@ -76,12 +76,22 @@ def read_model_config(folder: Path) -> dict:
         raise BaseModelError(f"{folder / 'config.json'}: unreadable ({err})") from None
 
 
-def context_size(config: dict, tokenizer) -> int | None:
+def context_size(config: dict, tokenizer_config: dict) -> int | None:
+    """The model's context from config.json, else the tokenizer's model_max_length (tokenizer_config.json)."""
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         if isinstance(config.get(key), int):
             return config[key]
-    limit = getattr(tokenizer, "model_max_length", None)
+    limit = tokenizer_config.get("model_max_length")
     return limit if isinstance(limit, int) and limit < 1_000_000 else None
+
+
+def read_tokenizer_config(folder: Path) -> dict:
+    """tokenizer_config.json as a dict ({} when absent or unreadable: the tokenizer load reports those)."""
+    try:
+        value = json.loads((Path(folder) / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def choose_window(requested: int | None, stride: int | None, context: int | None) -> tuple[int, int]:

@@ -255,12 +255,15 @@ def _forward(model, batch: list[Window], device: torch.device, pad_id: int) -> l
         attention[row, : len(window.input_ids)] = 1
     # Right padding: real tokens keep positions 0..n-1, and causal attention never sees the pads.
     logits = model(input_ids=ids.to(device), attention_mask=attention.to(device), use_cache=False).logits
-    values = []
+    # Logits at position p - 1 predict token p: label each position with the next token when that
+    # one is scored, else ignore it. One fused cross-entropy over the whole batch, no copy of the
+    # (batch x width x vocabulary) logits in float32 (upcast only from half precision).
+    labels = torch.full((len(batch), width), -100, dtype=torch.long)
     for row, window in enumerate(batch):
-        targets = torch.tensor([p for p, s in enumerate(window.scored) if s], dtype=torch.long)
-        # Logits at position p - 1 predict token p.
-        rows = logits[row, (targets - 1).to(logits.device)].float()
-        logprobs = torch.log_softmax(rows, dim=-1)
-        picked = logprobs.gather(1, ids[row, targets].to(logits.device).unsqueeze(1))
-        values.append(-picked.double().sum().item())
-    return values
+        targets = [p for p, s in enumerate(window.scored) if s]
+        labels[row, [p - 1 for p in targets]] = torch.tensor([window.input_ids[p] for p in targets], dtype=torch.long)
+    flat = logits.reshape(-1, logits.shape[-1])
+    if flat.dtype != torch.float32:
+        flat = flat.float()
+    nll = torch.nn.functional.cross_entropy(flat, labels.view(-1).to(flat.device), ignore_index=-100, reduction="none")
+    return nll.view(len(batch), width).double().sum(dim=1).tolist()

@@ -20,6 +20,7 @@ import datetime as dt
 import functools
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 from pathlib import Path
 
 import gate
@@ -97,9 +98,10 @@ def run(request: RunRequest, progress: ProgressFn = no_progress) -> RunOutcome:
         base_config = models.read_model_config(base_dir)
         base_hash = sha256_files(models.weight_files(base_dir, request.allow_pickle), base_dir, store.hash_cache)
         tokenizer_hash = sha256_files(models.tokenizer_files(base_dir), base_dir, store.hash_cache)
-        tokenizer = models.load_tokenizer(base_dir, request.trust_remote_code)
+        # Loaded on first use: a run with every score stored never imports the tokenizer stack.
+        tokenizer = functools.cache(lambda: models.load_tokenizer(base_dir, request.trust_remote_code))
         max_length, stride = models.choose_window(
-            request.max_length, request.stride, models.context_size(base_config, tokenizer)
+            request.max_length, request.stride, models.context_size(base_config, models.read_tokenizer_config(base_dir))
         )
         device = models.choose_device(request.device)
         dtype = models.choose_dtype(request.dtype, device)
@@ -136,8 +138,10 @@ def run(request: RunRequest, progress: ProgressFn = no_progress) -> RunOutcome:
 
         # 2. Tokenize perplexity suites once, for all models (only those this run may compute).
         needed = {s for m, s in todo if _allowed(request, m, s)}
+        if needed:
+            tokenizer()  # a broken base tokenizer is the base's problem: report it before any checkpoint
         progress(ProgressEvent("stage", message="tokenizing suites"))
-        encoded = {s.name: encode_suite(s, tokenizer) for s in request.suites if s.name in needed}
+        encoded = {s.name: encode_suite(s, tokenizer()) for s in request.suites if s.name in needed}
         scorer = _Scorer(
             request=request,
             store=store,
@@ -146,8 +150,8 @@ def run(request: RunRequest, progress: ProgressFn = no_progress) -> RunOutcome:
             dtype=dtype,
             max_length=max_length,
             stride=stride,
-            vocab_size=base_config.get("vocab_size") or len(tokenizer),
-            tokenizer=tokenizer,
+            vocab_size=base_config.get("vocab_size"),
+            load_tokenizer=tokenizer,
             encoded=encoded,
             tasks={t.spec.name: t for t in tasks},
             todo=todo,
@@ -330,13 +334,17 @@ class _Scorer:
     dtype: object
     max_length: int
     stride: int
-    vocab_size: int
-    tokenizer: object
+    vocab_size: int | None
+    load_tokenizer: Callable[[], object]
     encoded: dict
     tasks: dict
     todo: set
     progress: ProgressFn
     outcome: RunOutcome
+
+    @property
+    def tokenizer(self):
+        return self.load_tokenizer()
 
     def needs(self, plan: ModelPlan, suites: list[str]) -> bool:
         return plan.result.status == "ok" and any(self._due(plan.name, s) for s in suites)
@@ -369,7 +377,9 @@ class _Scorer:
     def _load_and_score(self, plan: ModelPlan, load, release, suites: list[str]) -> None:
         """Check the tokenizer, load (an adapter or a full model), score, release; failures stay with the plan."""
         try:
-            problem = models.tokenizer_problem(plan.checkpoint, self.tokenizer, self.vocab_size, self.request.trust_remote_code)
+            problem = models.tokenizer_problem(
+                plan.checkpoint, self.tokenizer, self.vocab_size or len(self.tokenizer), self.request.trust_remote_code
+            )
             if problem:
                 raise CheckpointError(problem)
             model = load()
