@@ -76,10 +76,6 @@ def smollm2_base() -> Path:
     return build_smollm2_base(CACHE / "smollm2-base")
 
 
-def model_name(base: Path) -> str:
-    return "smollm2" if "smollm2" in base.name else "tiny"
-
-
 def make_adapters(base: Path, folder: Path, n: int, *, r: int = 8, seed: int = 0) -> list[Path]:
     """n LoRA checkpoints ``run/checkpoint-{100 i}`` with small random B (so each differs from the base)."""
     import torch
@@ -132,16 +128,20 @@ class Workload:
     """lm-eval task folder: ``bench_ppl`` (loglikelihood_rolling over ppl_file) and ``gate_arith``."""
     gate_yaml: Path
     """gate.yaml with the same two suites."""
-    arith_limit: int | None
 
 
-def write_workload(folder: Path, documents: list[str], *, arith_limit: int | None, batch_size: int = 8) -> Workload:
+def write_workload(folder: Path, documents: list[str], *, arith_items: int | None, batch_size: int = 8) -> Workload:
+    """Both sides read the same files: the perplexity documents, and arith's first ``arith_items``
+    test items (all 100 when None) written as the task's test split, so neither needs a limit."""
     folder.mkdir(parents=True, exist_ok=True)
     ppl = folder / "ppl.jsonl"
     ppl.write_text("".join(json.dumps({"id": f"doc-{i}", "text": t}) + "\n" for i, t in enumerate(documents)))
     tasks = folder / "tasks"
     shutil.rmtree(tasks, ignore_errors=True)
     shutil.copytree(ROOT / "suites" / "arith", tasks / "arith")
+    if arith_items is not None:
+        test = tasks / "arith" / "test.jsonl"
+        test.write_text("".join(test.read_text().splitlines(keepends=True)[:arith_items]))
     arith_yaml = tasks / "arith" / "arith.yaml"
     # lm-eval resolves data_files against the working directory: make them absolute.
     text = arith_yaml.read_text().replace("test: test.jsonl", f"test: {tasks / 'arith' / 'test.jsonl'}")
@@ -157,16 +157,15 @@ def write_workload(folder: Path, documents: list[str], *, arith_limit: int | Non
         "metric_list:\n  - metric: word_perplexity\n  - metric: byte_perplexity\n  - metric: bits_per_byte\n"
         "metadata:\n  version: 1.0\n"
     )
-    limit = f"\n    limit: {arith_limit}" if arith_limit else ""
     config = folder / "gate.yaml"
     config.write_text(
         "suites:\n"
         f"  - name: ppl\n    path: {ppl}\n"
-        f"  - name: arith\n    type: lm_eval\n    task: {arith_yaml}\n    num_fewshot: 0{limit}\n"
+        f"  - name: arith\n    type: lm_eval\n    task: {arith_yaml}\n    num_fewshot: 0\n"
         f"batch_size: {batch_size}\n"
         f"device: {device()}\n"
     )
-    return Workload(folder, ppl, tasks, config, arith_limit)
+    return Workload(folder, ppl, tasks, config)
 
 
 @dataclass
@@ -201,16 +200,12 @@ def gate_cmd(*args) -> list[str]:
 
 def lm_eval_cmd(base: Path, adapter: Path | None, work: Workload, out: Path, batch_size: int = 8) -> list[str]:
     model_args = f"pretrained={base},dtype=float32" + (f",peft={adapter}" if adapter else "")
-    cmd = [
+    return [
         str(BIN / "lm_eval"), "--model", "hf", "--model_args", model_args,
         "--tasks", "bench_ppl,gate_arith", "--include_path", str(work.task_dir),
         "--num_fewshot", "0", "--batch_size", str(batch_size), "--device", device(),
         "--output_path", str(out), "--log_samples",
     ]
-    if work.arith_limit:
-        # lm-eval's --limit applies to every task: the perplexity set is written at its full size.
-        cmd += ["--limit", str(max(work.arith_limit, sum(1 for _ in work.ppl_file.open())))]
-    return cmd
 
 
 def ratio(a: float, b: float) -> str:

@@ -49,7 +49,7 @@ def main() -> None:
     work_dir = CACHE / f"incremental-{args.model}"
     shutil.rmtree(work_dir, ignore_errors=True)
     adapters = make_adapters(base, CACHE / f"adapters-{args.model}-{args.checkpoints + 1}", args.checkpoints + 1)
-    work = write_workload(work_dir / "suites", documents, arith_limit=None)
+    work = write_workload(work_dir / "suites", documents, arith_items=None)
     folder = work_dir / "checkpoints" / "run"
     folder.mkdir(parents=True)
     for a in adapters[:-1]:

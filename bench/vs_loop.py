@@ -35,8 +35,8 @@ from common import (  # noqa: E402
 )
 
 REGIMES = {
-    "small": {"model": "tiny", "documents": 20, "arith_limit": 20, "target": 0.25},
-    "compute": {"model": "smollm2", "documents": 200, "arith_limit": None, "target": 0.8},
+    "small": {"model": "tiny", "documents": 20, "arith_items": 20, "target": 0.25},
+    "compute": {"model": "smollm2", "documents": 200, "arith_items": None, "target": 0.8},
 }
 
 
@@ -81,11 +81,11 @@ def main() -> None:
             source = "suites/known-good.jsonl (../shared/data/wikitext-2 not found)"
     work_dir = CACHE / f"vs-loop-{args.regime}"
     adapters = make_adapters(base, CACHE / f"adapters-{regime['model']}-{args.checkpoints}", args.checkpoints)
-    work = write_workload(work_dir / "suites", documents, arith_limit=regime["arith_limit"])
+    work = write_workload(work_dir / "suites", documents, arith_items=regime["arith_items"])
     print(f"# gate run vs the lm_eval loop, regime {args.regime}")
     print(device_note())
     print(f"model: {base.name}; {len(adapters)} LoRA checkpoints + base; perplexity set: {len(documents)} documents ({source});"
-          f" arith: {regime['arith_limit'] or 100} items, 0-shot")
+          f" arith: {regime['arith_items'] or 100} items, 0-shot")
 
     loop_dirs: dict[str, Path] = {}
     loop_seconds = 0.0

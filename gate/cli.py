@@ -22,6 +22,7 @@ import click
 import gate
 from gate.config import find_config, load_config
 from gate.errors import EXIT_INVALID_INPUT, EXIT_RUNTIME_FAILURE, CheckpointError, ConfigError, GateError
+from gate.overlap import DEFAULT_N
 from gate.plan import no_checkpoints_message, prepare_run, shard_share
 from gate.progress import ProgressEvent, no_progress
 from gate.results import read_results
@@ -287,7 +288,7 @@ def demo_story(results, verdict) -> list[str]:
 @main.command("overlap")
 @click.argument("suite")
 @click.argument("training_files", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--n", "n", type=click.IntRange(min=1), default=8, show_default=True, help="Words per n-gram.")
+@click.option("--n", "n", type=click.IntRange(min=1), default=DEFAULT_N, show_default=True, help="Words per n-gram.")
 @click.option("--config", "config_path", type=click.Path(path_type=Path), help="gate.yaml naming SUITE (default: ./gate.yaml).")
 @click.option("--show", type=click.IntRange(min=0), default=10, show_default=True, help="Contaminated documents to list per file.")
 @_handle_errors
@@ -298,15 +299,15 @@ def overlap_command(suite: str, training_files: tuple[Path, ...], n: int, config
     gate.yaml or the built-ins. Training files: JSONL (text, prompt/completion, messages, any
     strings) or plain text. Exits 0 when no document overlaps, 1 when some do, 2 on bad input.
     """
-    from gate.overlap import overlap
+    from gate.overlap import index_training_file, overlap
     from gate.plan import overlap_documents
 
     name, documents = overlap_documents(suite, config_path)
     dirty = False
     for path in training_files:
-        found = overlap(name, documents, path, n=n)
+        found = overlap(name, documents, index_training_file(path, n))
         click.echo(("✓ " if found.clean else "✗ ") + found.summary())
-        for doc_id, share in sorted(found.contaminated.items(), key=lambda kv: (-kv[1], kv[0]))[:show]:
+        for doc_id, share in found.worst(show):
             click.echo(f"    {doc_id}  {share:.0%} of its {n}-grams")
         dirty = dirty or not found.clean
     sys.exit(1 if dirty else 0)

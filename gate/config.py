@@ -47,6 +47,7 @@ from pathlib import Path
 import yaml
 
 from gate.errors import ConfigError
+from gate.overlap import DEFAULT_N
 from gate.suites import builtin_entries, builtin_suites_dir
 
 CONFIG_NAME = "gate.yaml"
@@ -110,7 +111,7 @@ class Contamination:
     """Training files (absolute paths; relative ones in gate.yaml are resolved against it)."""
     suites: list[str]
     """Perplexity suites to check."""
-    n: int = 8
+    n: int = DEFAULT_N
     """Words per n-gram."""
 
 
@@ -382,9 +383,8 @@ def _funnel(value: object, suites: list[SuiteSpec], problems: list[str]) -> Funn
 def _contamination(value: object, suites: list[SuiteSpec], folder: Path, problems: list[str]) -> Contamination | None:
     if value is None:
         return None
-    usage = "contamination: must be a mapping {training_data: [files], suites: [names], n: 8}"
     if not isinstance(value, dict):
-        problems.append(usage)
+        problems.append(f"contamination: must be a mapping {{training_data: [files], suites: [names], n: {DEFAULT_N}}}")
         return None
     _unknown_keys(value, {"training_data", "suites", "n"}, "contamination.", problems)
     files = value.get("training_data")
@@ -406,8 +406,8 @@ def _contamination(value: object, suites: list[SuiteSpec], folder: Path, problem
     for name in names:
         if name not in perplexity:
             problems.append(f"contamination.suites: {name!r} is not a perplexity suite of this config (choices: {', '.join(perplexity) or 'none'})")
-    n = _positive_int(value, "n", 8, "contamination.", problems)
-    return Contamination(training_data=resolved, suites=[n_ for n_ in names if n_ in perplexity], n=n or 8)
+    n = _positive_int(value, "n", DEFAULT_N, "contamination.", problems)
+    return Contamination(training_data=resolved, suites=[name for name in names if name in perplexity], n=n)
 
 
 def default_policy(suites: list[SuiteSpec]) -> Policy:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from gate.errors import SuiteError
 from gate.hashing import sha256_file
-from gate.suites import Document, load_suite
+from gate.suites import Document, Suite, load_suite
 
 DEFAULT_N = 8
 WORD = re.compile(r"\w+")
@@ -63,9 +63,27 @@ class Overlap:
             f"{name} (up to {worst:.0%} of a document's {self.n}-grams)"
         )
 
+    def worst(self, limit: int) -> list[tuple[str, float]]:
+        """The ``limit`` most contaminated documents: (id, share), highest share first."""
+        return sorted(self.contaminated.items(), key=lambda kv: (-kv[1], kv[0]))[:limit]
+
     @classmethod
     def from_json(cls, obj: dict) -> Overlap:
         return cls(**obj)
+
+
+@dataclass
+class TrainingIndex:
+    """The n-grams of one training file, read and hashed once for every suite checked against it."""
+
+    path: str
+    """The training file, as given."""
+    sha256: str
+    """sha256 of its bytes."""
+    n: int
+    """Words per n-gram."""
+    grams: set[tuple[str, ...]]
+    """Every word n-gram of the file."""
 
 
 def ngrams(text: str, n: int) -> set[tuple[str, ...]]:
@@ -83,27 +101,38 @@ def document_segments(doc: Document) -> list[str]:
     return [str(m.get("content", "")) for m in doc.messages or []]
 
 
+def suite_segments(suite: Suite) -> dict[str, list[str]]:
+    """Document id -> segments, for a loaded suite."""
+    return {d.id: document_segments(d) for d in suite.documents}
+
+
+def _read_text(path: Path, what: str, fix: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SuiteError(f"{path}: {what} not found; {fix}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise SuiteError(f"{path}: cannot be read as UTF-8 text ({err}); give a JSONL or plain-text file") from None
+
+
+def _jsonl_rows(path: Path, raw: str, fix: str):
+    """(line number, parsed row) of every non-blank line; a bad line is an error naming it."""
+    for number, line in enumerate(raw.splitlines(), 1):
+        if line.strip():
+            try:
+                yield number, json.loads(line)
+            except ValueError as err:
+                raise SuiteError(f"{path}:{number}: not valid JSON ({err.msg}); {fix}") from None
+
+
 def training_segments(path: str | Path) -> list[str]:
     """Every text field of a training file (JSONL rows in any shape, else the whole file as text)."""
     path = Path(path)
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise SuiteError(f"{path}: training file not found; give the path of the data the checkpoints were trained on") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise SuiteError(f"{path}: cannot be read as UTF-8 text ({err}); give a JSONL or plain-text training file") from None
+    raw = _read_text(path, "training file", "give the path of the data the checkpoints were trained on")
     if path.suffix.lower() not in {".jsonl", ".json", ".ndjson"}:
         return raw.splitlines()
-    segments: list[str] = []
-    for number, line in enumerate(raw.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as err:
-            raise SuiteError(f"{path}:{number}: not valid JSON ({err.msg}); fix the line or give a plain-text file") from None
-        segments += _strings(row)
-    return segments
+    fix = "fix the line or give a plain-text file"
+    return [segment for _, row in _jsonl_rows(path, raw, fix) for segment in _strings(row)]
 
 
 def _strings(value: object) -> list[str]:
@@ -118,56 +147,41 @@ def _strings(value: object) -> list[str]:
     return []
 
 
-def training_ngrams(path: str | Path, n: int = DEFAULT_N) -> set[tuple[str, ...]]:
-    """All word n-grams of a training file."""
+def index_training_file(path: str | Path, n: int = DEFAULT_N) -> TrainingIndex:
+    """Read a training file once: its hash and all its word n-grams."""
+    if n < 1:
+        raise SuiteError(f"n-gram length must be at least 1, got {n}")
     grams: set[tuple[str, ...]] = set()
     for segment in training_segments(path):
         grams |= ngrams(segment, n)
-    return grams
+    return TrainingIndex(path=str(path), sha256=sha256_file(Path(path)), n=n, grams=grams)
 
 
 def suite_file_segments(path: str | Path) -> dict[str, list[str]]:
     """Document id -> segments of any JSONL file: a perplexity suite, or rows of other shapes
     (an lm-eval task's data file: every string value of a row; the id is the row's ``id`` or its line)."""
     try:
-        return {d.id: document_segments(d) for d in load_suite(Path(path).stem, path).documents}
+        return suite_segments(load_suite(Path(path).stem, path))
     except SuiteError:
         pass
+    path = Path(path)
     out: dict[str, list[str]] = {}
-    raw = Path(path).read_text(encoding="utf-8")
-    for number, line in enumerate(raw.splitlines(), 1):
-        if line.strip():
-            try:
-                row = json.loads(line)
-            except ValueError as err:
-                raise SuiteError(f"{path}:{number}: not valid JSON ({err.msg}); give a JSONL file, one document per line") from None
-            key = str(row.get("id", f"line-{number}")) if isinstance(row, dict) else f"line-{number}"
-            out[key] = _strings(row)
+    for number, row in _jsonl_rows(path, _read_text(path, "suite file", "give an existing JSONL file"), "give a JSONL file, one document per line"):
+        key = str(row.get("id", f"line-{number}")) if isinstance(row, dict) else f"line-{number}"
+        out[key] = _strings(row)
     if not out:
         raise SuiteError(f"{path}: no documents; give a JSONL file, one document per line")
     return out
 
 
-def overlap(
-    suite: str,
-    documents: dict[str, list[str]],
-    training_file: str | Path,
-    *,
-    n: int = DEFAULT_N,
-    grams: set[tuple[str, ...]] | None = None,
-) -> Overlap:
-    """Check one suite (document id -> its segments) against one training file.
-
-    ``grams``: the training file's n-grams, when already computed (one file, many suites)."""
-    if n < 1:
-        raise SuiteError(f"n-gram length must be at least 1, got {n}")
-    grams = training_ngrams(training_file, n) if grams is None else grams
+def overlap(suite: str, documents: dict[str, list[str]], training: TrainingIndex) -> Overlap:
+    """Check one suite (document id -> its segments) against one indexed training file."""
     result = Overlap(
-        suite=suite, training_file=str(training_file), training_hash=sha256_file(Path(training_file)), n=n, documents=len(documents)
+        suite=suite, training_file=training.path, training_hash=training.sha256, n=training.n, documents=len(documents)
     )
     for doc_id, segments in documents.items():
-        own = set().union(*(ngrams(s, n) for s in segments))
-        shared = len(own & grams)
+        own = set().union(*(ngrams(s, training.n) for s in segments))
+        shared = len(own & training.grams)
         if shared:
             result.contaminated[doc_id] = shared / len(own)
     return result

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from gate.config import Funnel, GateConfig, Policy, SuiteSpec, builtin_spec, find_config, load_config
 from gate.errors import BaseModelError, CheckpointError, ConfigError, SuiteError
-from gate.overlap import Overlap, document_segments, overlap, suite_file_segments, training_ngrams
+from gate.overlap import Overlap, index_training_file, overlap, suite_file_segments, suite_segments
 from gate.scan import ScanReport, scan
 from gate.store import STORE_NAME, ResultsStore
 from gate.suites import Suite, builtin_entries, load_suite
@@ -171,7 +171,7 @@ def overlap_documents(ref: str, config_path: str | Path | None = None) -> tuple[
     if spec.type != "perplexity":
         raise SuiteError(f"{ref}: an lm-eval suite; give its data file instead (a JSONL file, e.g. the task's test split)")
     suite = load_suite(spec.name, spec.path, chat_template=spec.use_chat_template, limit=spec.limit)
-    return suite.name, {d.id: document_segments(d) for d in suite.documents}
+    return suite.name, suite_segments(suite)
 
 
 def check_contamination(config: GateConfig, suites: list[Suite]) -> list[Overlap]:
@@ -179,15 +179,11 @@ def check_contamination(config: GateConfig, suites: list[Suite]) -> list[Overlap
     check = config.contamination
     if check is None:
         return []
-    by_name = {s.name: s for s in suites}
+    checked = [suite for suite in suites if suite.name in check.suites]
     out = []
     for path in check.training_data:
-        grams = training_ngrams(path, check.n)
-        out += [
-            overlap(name, {d.id: document_segments(d) for d in by_name[name].documents}, path, n=check.n, grams=grams)
-            for name in check.suites
-            if name in by_name
-        ]
+        training = index_training_file(path, check.n)
+        out += [overlap(suite.name, suite_segments(suite), training) for suite in checked]
     return out
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -10,7 +11,7 @@ from click.testing import CliRunner
 from gate.cli import main
 from gate.config import load_config
 from gate.errors import ConfigError, SuiteError
-from gate.overlap import document_segments, ngrams, overlap, suite_file_segments, training_ngrams, training_segments
+from gate.overlap import index_training_file, ngrams, overlap, suite_file_segments, suite_segments, training_segments
 from gate.suites import builtin_suites_dir, load_suite
 
 
@@ -31,11 +32,13 @@ def test_share_is_the_fraction_of_a_documents_ngrams_seen_in_training(tmp_path):
     # doc "b": "nine ten eleven" has one trigram, not in training: the rows are not joined.
     # doc "c": its prompt ends "one two" and its completion begins "three": n-grams do not cross fields.
     documents = {"a": ["One two three four five"], "b": ["nine ten eleven"], "c": ["x one two", "three y"]}
-    found = overlap("s", documents, train, n=3)
+    training = index_training_file(train, 3)
+    found = overlap("s", documents, training)
     assert found.contaminated == {"a": pytest.approx(2 / 3)}
     assert found.documents == 3 and not found.clean
     assert "1 of 3 documents share 3 consecutive words with train.jsonl (up to 67%" in found.summary()
-    assert overlap("s", {"b": ["nine ten eleven"]}, train, n=3).clean
+    assert overlap("s", {"b": ["nine ten eleven"]}, training).clean
+    assert training.sha256 == hashlib.sha256(train.read_bytes()).hexdigest() and found.training_hash == training.sha256
 
 
 def test_training_files_in_every_shape(tmp_path):
@@ -49,7 +52,7 @@ def test_training_files_in_every_shape(tmp_path):
         "plain text row", "a prompt", "its completion", "hello there", "general kenobi", "what is it", "this", "that",
     ]
     (tmp_path / "t.txt").write_text("line one here\nline two here\n")
-    assert training_ngrams(tmp_path / "t.txt", 3) == {("line", "one", "here"), ("line", "two", "here")}
+    assert index_training_file(tmp_path / "t.txt", 3).grams == {("line", "one", "here"), ("line", "two", "here")}
 
 
 def test_bad_training_files_name_the_file_and_the_fix(tmp_path):
@@ -65,7 +68,7 @@ def test_suite_documents_use_every_field(tmp_path):
         {"id": "p", "prompt": "ask this", "completion": "answer that"},
         {"id": "m", "messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]},
     ])
-    docs = {d.id: document_segments(d) for d in load_suite("s", path).documents}
+    docs = suite_segments(load_suite("s", path))
     assert docs == {"p": ["ask this", "answer that"], "m": ["u", "a"]}
     lm_eval_rows = write_jsonl(tmp_path / "task.jsonl", [{"question": "q one", "choices": ["x", "y"], "answer": 0}])
     assert suite_file_segments(lm_eval_rows) == {"line-1": ["q one", "x", "y"]}

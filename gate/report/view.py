@@ -118,8 +118,7 @@ class ReportView:
     def contaminated_examples(self, o: Overlap, limit: int = 10) -> list[tuple[str, float, str]]:
         """The most contaminated documents of one finding: (id, share, excerpt)."""
         suite = next((s for s in self.results.suites if s.name == o.suite), None)
-        worst = sorted(o.contaminated.items(), key=lambda kv: (-kv[1], kv[0]))[:limit]
-        return [(i, share, suite.excerpts.get(i, "") if suite else "") for i, share in worst]
+        return [(i, share, suite.excerpts.get(i, "") if suite else "") for i, share in o.worst(limit)]
 
 
 def build_view(results: Results, verdict: Verdict, top: int = 5, flips: int = 10) -> ReportView:

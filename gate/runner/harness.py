@@ -142,10 +142,11 @@ def prepare_task(spec: SuiteSpec, work_dir: Path) -> PreparedTask:
     )
 
 
-def evaluate(
-    model, tokenizer, prepared: PreparedTask, *, batch_size: int, device, max_length: int, progress_bars: bool = True
-) -> TaskScore:
-    """Run one task on the loaded model; keep lm-eval's per-sample metric values."""
+def evaluate(model, tokenizer, prepared: PreparedTask, *, batch_size: int, device, max_length: int) -> TaskScore:
+    """Run one task on the loaded model; keep lm-eval's per-sample metric values.
+
+    lm-eval's own progress bars are off: gate's progress display covers the task, and tqdm bars
+    written between its lines would garble it."""
     import functools
 
     import lm_eval
@@ -153,10 +154,9 @@ def evaluate(
 
     spec = prepared.spec
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device), max_length=max_length)
-    if not progress_bars:
-        # lm-eval passes disable_tqdm explicitly, so TQDM_DISABLE cannot silence its request bars.
-        for request_type in ("loglikelihood", "loglikelihood_rolling", "generate_until"):
-            setattr(lm, request_type, functools.partial(getattr(lm, request_type), disable_tqdm=True))
+    # lm-eval passes disable_tqdm explicitly, so TQDM_DISABLE cannot silence its request bars.
+    for request_type in ("loglikelihood", "loglikelihood_rolling", "generate_until"):
+        setattr(lm, request_type, functools.partial(getattr(lm, request_type), disable_tqdm=True))
     out = lm_eval.simple_evaluate(
         model=lm,
         tasks=list(prepared.task_names),

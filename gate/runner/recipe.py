@@ -20,8 +20,8 @@ import datetime as dt
 import functools
 import time
 from dataclasses import dataclass, field
-from typing import Callable
 from pathlib import Path
+from typing import Callable
 
 import gate
 from gate.errors import EXIT_INVALID_INPUT, EXIT_RUNTIME_FAILURE, CheckpointError, GateError, RunFailure, StoreError
@@ -451,7 +451,6 @@ class _Scorer:
             batch_size=self.request.batch_size,
             device=self.device,
             max_length=self.max_length,
-            progress_bars=False,  # gate's own progress display covers the task; lm-eval's bars would garble it
         )
         self.store.put_task(plan.identities[suite], score, self._provenance(began, self.request.batch_size))
         self.progress(ProgressEvent("done", model=plan.name, suite=suite, done=task.n_documents, total=task.n_documents))
