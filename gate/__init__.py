@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 
 from gate.config import GateConfig, SuiteSpec, load_config
 from gate.errors import CheckpointError, ConfigError, GateError, RunFailure, SuiteError
-from gate.results import DocumentScore, ModelResult, Results, SuiteScore, read_results
+from gate.results import DocumentScore, ModelResult, Results, SuiteScore, load_results, read_results
 from gate.scan import Checkpoint, ScanReport, scan
 from gate.suites import Document, Suite, load_suite
 
@@ -30,6 +30,7 @@ __all__ = [
     "SuiteSpec",
     "__version__",
     "load_config",
+    "load_results",
     "load_suite",
     "read_results",
     "scan",

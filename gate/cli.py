@@ -313,6 +313,26 @@ def overlap_command(suite: str, training_files: tuple[Path, ...], n: int, config
     sys.exit(1 if dirty else 0)
 
 
+@main.command("export")
+@click.argument("out_dir", metavar="OUT", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["csv", "parquet", "jsonl"]), default="csv", show_default=True, help="Table format.")
+@click.option("--output", "-o", type=click.Path(path_type=Path), help="File to write (default: OUT/results.FORMAT).")
+@_handle_errors
+def export_command(out_dir: Path, fmt: str, output: Path | None) -> None:
+    """Write OUT/results.json as one long table: a row per model x suite x item x metric (no GPU).
+
+    Columns: model, kind, step, status, suite, suite_type, item, metric, value, suite_value
+    (the model's suite-level figure of that metric) and headline. In Python:
+    `gate.load_results(OUT).to_frame()` gives the same table as a pandas DataFrame.
+    """
+    from gate.results import load_results
+    from gate.table import export
+
+    results = load_results(out_dir)
+    path = export(results, output or out_dir / f"results.{fmt}", fmt)
+    click.echo(f"table: {path}")
+
+
 def _run(
     directory: Path,
     *,

@@ -279,6 +279,12 @@ class Results:
         """2 or 3 when a checkpoint was invalid or failed (as the run exited), else 0."""
         return max((c.error_code or 0 for c in self.checkpoints), default=0)
 
+    def to_frame(self):
+        """One pandas row per model x suite x item x metric, suite-level figures as columns (gate.table)."""
+        from gate.table import to_frame
+
+        return to_frame(self)
+
     @property
     def partial(self) -> bool:
         """True when any suite was capped by a limit: numbers are for a quick run only."""
@@ -371,6 +377,12 @@ def read_versioned_json(path: str | Path, version: int, missing: str, fix: str) 
     if found != version:
         raise GateError(f"{path}: schema_version {found!r} is not {version}; it was written by another gate version: {fix}")
     return obj
+
+
+def load_results(out: str | Path) -> Results:
+    """The results of a run: ``out`` is its output folder (holding results.json) or the file itself."""
+    out = Path(out)
+    return read_results(out / "results.json" if out.is_dir() else out)
 
 
 def read_results(path: str | Path) -> Results:
