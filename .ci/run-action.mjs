@@ -338,7 +338,7 @@ class Run {
     const outputs = { "cache-primary-key": w.key };
     let log;
     if (hit) {
-      execFileSync("tar", ["-xf", path.join(dir, hit.archive), "-C", "/"]);
+      execFileSync("tar", ["-xf", path.join(dir, hit.archive), "-P", "-C", this.workspace]);
       outputs["cache-hit"] = String(hit.key === w.key);
       outputs["cache-matched-key"] = hit.key;
       log = `Cache restored from key: ${hit.key}\n`;
@@ -372,7 +372,9 @@ class Run {
     }
     const seq = entries.length + 1;
     const archive = `${seq}.tar`;
-    execFileSync("tar", ["-cf", path.join(dir, archive), "-C", "/", ...present.map((p) => path.relative("/", p))]);
+    // As @actions/cache does: paths relative to the workspace (-P keeps any ../), so a cache made
+    // in one job's workspace is restored into the next job's.
+    execFileSync("tar", ["-cf", path.join(dir, archive), "-P", "-C", this.workspace, ...present.map((p) => path.relative(this.workspace, p))]);
     entries.push({ key, version, seq, archive, paths: present });
     fs.writeFileSync(file, JSON.stringify(entries, null, 1));
     this.record.calls.at(-1).saved = key;
