@@ -230,6 +230,7 @@ class Run {
     entry.env = stepEnv;
     const rawField = (key) => [...raw].find((p) => p.key.value === key)?.value;
     let result;
+    const started = Date.now();
     try {
       if (step.uses) {
         const withValues = {};
@@ -243,6 +244,7 @@ class Run {
     } catch (err) {
       result = { ok: false, outputs: {}, log: `${err.stack || err}` };
     }
+    entry.seconds = (Date.now() - started) / 1000;
     entry.log = result.log;
     entry.outputs = result.outputs;
     this.annotate(name, result.log || "");

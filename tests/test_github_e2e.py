@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -158,22 +159,33 @@ def verdict(record: dict) -> dict:
     return v
 
 
-@pytest.fixture
-def gh(tmp_path, action_repo, shim, world) -> World:
-    """A repository using the action, with conftest's tiny models and checkpoints."""
-    return make_world(tmp_path, action_repo, shim, world)
-
-
-def make_world(root: Path, action_repo: Path, shim, world) -> World:
-    repo = root / "action"
-    shutil.copytree(action_repo, repo)
-    return World(root=root, repo=repo, python=shim[0], pip_log=shim[1], defaults={"checkpoints": str(world.checkpoints), "config": str(world.config)})
+SUITES = ("text", "prompt")  # two of conftest's four suites: every job here scores less
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory, action_repo, shim, world):
+def config(world, tmp_path_factory) -> Path:
+    """gate.yaml for conftest's tiny base and checkpoints, with two suites."""
+    path = tmp_path_factory.mktemp("config") / "gate.yaml"
+    path.write_text(f"base: {world.base}\nsuites:\n" + "".join(f"  - {{name: {s}, path: {world.suites / (s + '.jsonl')}}}\n" for s in SUITES))
+    return path
+
+
+@pytest.fixture
+def gh(tmp_path, action_repo, shim, world, config) -> World:
+    """A repository using the action, with conftest's tiny models and checkpoints."""
+    return make_world(tmp_path, action_repo, shim, world, config)
+
+
+def make_world(root: Path, action_repo: Path, shim, world, config: Path) -> World:
+    repo = root / "action"
+    shutil.copytree(action_repo, repo)
+    return World(root=root, repo=repo, python=shim[0], pip_log=shim[1], defaults={"checkpoints": str(world.checkpoints), "config": str(config)})
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, action_repo, shim, world, config):
     """One plain job on a pull request: its record, and the caches it leaves (copied by later tests)."""
-    gh = make_world(tmp_path_factory.mktemp("single"), action_repo, shim, world)
+    gh = make_world(tmp_path_factory.mktemp("single"), action_repo, shim, world, config)
     record = gh.run({"cache-hf": "false", "comment": "false"})
     assert record["status"] == "success", log(record)
     return gh, record
@@ -255,12 +267,13 @@ def test_a_cache_hit_scores_nothing_new_and_one_comment_is_updated_in_place(gh, 
     # Someone else's comment carrying the same marker is never touched.
     (gh.root / "comments.json").write_text(json.dumps({"comments": [{"id": 1, "issue_number": 7, "body": f"{marker}\nnot yours", "user": {"login": "mallory"}}], "next": 2}))
 
-    assert "computed 0 " not in step(first, "Run gate")["log"] and "computed " in step(first, "Run gate")["log"]
+    computed = int(re.search(r"computed (\d+) model x suite", step(first, "Run gate")["log"]).group(1))
+    assert computed == 4 * len(SUITES)  # the base and 3 checkpoints: all scored by the first job
     rerun = gh.run({"cache-hf": "false"}, attempt=2)
     assert rerun["status"] == "success", log(rerun)
     saved = call(first, "actions/cache/save")[0]["saved"]
     assert call(rerun, "actions/cache/restore")[0]["matched"] == saved  # restored by prefix
-    assert "computed 0 model x suite score(s), reused 12 from the store" in step(rerun, "Run gate")["log"]
+    assert f"computed 0 model x suite score(s), reused {computed} from the store" in step(rerun, "Run gate")["log"]
     assert verdict(rerun) == verdict(first) and rerun["outputs"]["selected"] == "untrained"
     # Re-runs and other jobs save under their own keys: no race for one key.
     assert call(rerun, "actions/cache/save")[0]["saved"] not in (saved, None)
@@ -323,11 +336,11 @@ FAILS = {"no-candidate": {1, 2, 3}, "error": {2, 3}, "never": set()}
 
 
 @pytest.mark.parametrize("code", [0, 1, 2, 3])
-def test_every_fail_on_with_every_exit_code(gh, single, world, nan_base, code):
+def test_every_fail_on_with_every_exit_code(gh, single, config, nan_base, code):
     with_caches_of(gh, single[0])
     strict = gh.root / "strict.yaml"  # no checkpoint can improve text perplexity by 90%
-    strict.write_text(world.config.read_text() + "gates:\n  - {suite: text, metric: perplexity, min_decrease: 90%}\n")
-    make = {0: {}, 1: {"config": str(strict)}, 2: {"args": "--shard 9/2"}, 3: {"args": f"--base {nan_base}"}}[code]
+    strict.write_text(config.read_text() + "gates:\n  - {suite: text, metric: perplexity, min_decrease: 90%}\n")
+    make = {0: {}, 1: {"config": str(strict)}, 2: {"args": "--shard 9/2"}, 3: {"args": f"--base {nan_base} --limit 1"}}[code]
     for fail_on, fails in FAILS.items():
         record = gh.run({"cache-hf": "false", "comment": "false", **make, "fail-on": fail_on})
         assert record["outputs"]["exit-code"] == str(code), log(record)
