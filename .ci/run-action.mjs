@@ -27,11 +27,11 @@ const here = path.dirname(fileURLToPath(import.meta.url));
 const modules = process.env.GATE_NODE_MODULES || path.join(here, "node", "node_modules");
 const load = (rel) => import(pathToFileURL(path.join(modules, rel)).href);
 const { parseAction, convertActionTemplate } = await load("@actions/workflow-parser/dist/actions/index.js");
-const { NoOperationTraceWriter } = await load("@actions/workflow-parser/dist/index.js");
+const { NoOperationTraceWriter, parseWorkflow, convertWorkflowTemplate } = await load("@actions/workflow-parser/dist/index.js");
 const { Lexer, Parser, Evaluator, data } = await load("@actions/expressions/dist/index.js");
 const { truthy } = await load("@actions/expressions/dist/result.js");
 
-const CONTEXTS = ["github", "inputs", "strategy", "matrix", "steps", "job", "runner", "env"];
+const CONTEXTS = ["github", "inputs", "strategy", "matrix", "steps", "job", "runner", "env", "needs", "secrets", "vars"];
 const STATUS_FUNCS = ["always", "success", "failure", "cancelled"];
 
 // ---------------------------------------------------------------------------------------------
@@ -116,9 +116,10 @@ function parseKeyValueFile(file) {
 
 function readJob(file) {
   const job = JSON.parse(fs.readFileSync(file, "utf8"));
-  for (const key of ["action", "workspace", "record", "fakes"]) {
+  for (const key of ["workspace", "record", "fakes"]) {
     if (!(key in job)) throw new Error(`${file}: missing "${key}"`);
   }
+  if (!job.action === !job.workflow) throw new Error(`${file}: give "action" (a composite action.yml) or "workflow" and "job_id"`);
   return job;
 }
 
@@ -131,28 +132,36 @@ class Run {
     this.summary = path.join(this.temp, "step_summary.md");
     fs.writeFileSync(this.summary, "");
     this.record = { steps: [], annotations: [], calls: [], outputs: {}, status: "success", summary: "" };
-    this.failed = false;
-    this.steps = {};
     this.posts = [];
-    this.inputs = {};
+    this.counter = 0;
+    // A frame is the job's own steps, or one composite action's: its steps context, inputs,
+    // action path and whether one of its steps failed (what success()/failure() look at).
+    this.jobFrame = { steps: {}, inputs: {}, actionPath: job.action ? path.dirname(job.action) : "", failed: false, env: {} };
   }
 
-  contexts() {
+  get failed() {
+    return this.jobFrame.failed;
+  }
+
+  contexts(frame) {
     const runner = { os: "Linux", arch: "X64", name: "fake", temp: this.temp, tool_cache: path.join(this.temp, "tool"), ...this.job.runner };
     return {
-      github: { workspace: this.workspace, action_path: path.dirname(this.job.action), ...this.job.github },
-      inputs: this.inputs,
+      github: { workspace: this.workspace, action_path: frame.actionPath, ...this.job.github },
+      inputs: frame.inputs,
       strategy: { "fail-fast": true, "job-index": 0, "job-total": 1, "max-parallel": 1, ...this.job.strategy },
       matrix: this.job.matrix || null,
-      steps: this.steps,
-      job: { status: this.failed ? "failure" : "success", ...this.job.jobContext },
+      needs: this.job.needs || {},
+      secrets: this.job.secrets || {},
+      vars: this.job.vars || {},
+      steps: frame.steps,
+      job: { status: frame.failed ? "failure" : "success" },
       runner,
-      env: this.env,
+      env: { ...this.env, ...frame.env },
     };
   }
 
-  status() {
-    return { failed: this.failed, workspace: this.workspace };
+  status(frame) {
+    return { failed: frame.failed, workspace: this.workspace };
   }
 
   annotate(stepName, text) {
@@ -165,7 +174,7 @@ class Run {
   runnerEnv(c) {
     return {
       GITHUB_WORKSPACE: this.workspace,
-      GITHUB_ACTION_PATH: c.github.action_path,
+      ...(c.github.action_path ? { GITHUB_ACTION_PATH: c.github.action_path } : {}),
       GITHUB_JOB: String(c.github.job ?? ""),
       GITHUB_RUN_ID: String(c.github.run_id ?? ""),
       GITHUB_RUN_ATTEMPT: String(c.github.run_attempt ?? ""),
@@ -179,54 +188,88 @@ class Run {
     };
   }
 
-  main() {
-    const text = fs.readFileSync(this.job.action, "utf8");
-    const parsed = parseAction({ name: this.job.action, content: text }, new NoOperationTraceWriter());
+  async main() {
+    if (this.job.workflow) {
+      await this.workflowJob();
+    } else {
+      const result = this.composite(this.job.action, this.job.with || {}, {}, this.jobFrame);
+      this.record.outputs = result.outputs;
+      this.record.inputs = result.inputs;
+    }
+    // Post steps (actions/cache's save), last registered first.
+    for (const post of this.posts.reverse()) post();
+    if (!this.record.status.startsWith("skipped")) this.record.status = this.failed ? "failure" : "success";
+    this.record.summary = fs.readFileSync(this.summary, "utf8");
+  }
+
+  // One job of a workflow file: its `if:` (a fork guard, say), then its steps; `uses:` of a
+  // local composite action (job.uses_map: reference -> action.yml) runs that action's steps.
+  async workflowJob() {
+    const file = this.job.workflow;
+    const parsed = parseWorkflow({ name: file, content: fs.readFileSync(file, "utf8") }, new NoOperationTraceWriter());
+    const template = parsed.value && (await convertWorkflowTemplate(parsed.context, parsed.value));
+    const errors = [...parsed.context.errors.getErrors(), ...(template?.errors || []).map((e) => ({ message: e.Message }))];
+    if (errors.length || !template) throw new Error(`${file}: ${errors.map((e) => e.message).join("; ")}`);
+    const job = template.jobs.find((j) => j.id.value === this.job.job_id);
+    if (!job) throw new Error(`${file}: no job ${this.job.job_id}`);
+    const frame = { steps: {}, inputs: {}, actionPath: "", failed: false, env: {} };
+    this.jobFrame = frame;
+    if (!truthy(evaluateExpression(job.if.expression, this.contexts(frame), this.status(frame)))) {
+      this.record.status = "skipped";
+      return;
+    }
+    if (job.env) for (const pair of job.env) frame.env[String(pair.key)] = asString(pair.value, this.contexts(frame), this.status(frame)) ?? "";
+    const rawJobs = [...parsed.value].find((p) => p.key.value === "jobs").value;
+    const rawJob = [...rawJobs].find((p) => p.key.value === this.job.job_id).value;
+    const rawSteps = [...[...rawJob].find((p) => p.key.value === "steps").value];
+    job.steps.forEach((step, index) => this.step(frame, step, rawSteps[index], index));
+  }
+
+  composite(actionFile, given, callerEnv, frame) {
+    const text = fs.readFileSync(actionFile, "utf8");
+    const parsed = parseAction({ name: actionFile, content: text }, new NoOperationTraceWriter());
     const template = parsed.value && convertActionTemplate(parsed.context, parsed.value);
     // Schema, YAML and expression errors, from parsing and from converting (`if:` is parsed there).
     const errors = parsed.context.errors.getErrors();
-    if (errors.length || !template) throw new Error(`${this.job.action}: ${errors.map((e) => e.message).join("; ")}`);
-    if (template.runs.using !== "composite") throw new Error(`${this.job.action}: not a composite action`);
+    if (errors.length || !template) throw new Error(`${actionFile}: ${errors.map((e) => e.message).join("; ")}`);
+    if (template.runs.using !== "composite") throw new Error(`${actionFile}: not a composite action`);
     const rawSteps = [...[...parsed.value].find((p) => p.key.value === "runs").value].find((p) => p.key.value === "steps").value;
 
     // Inputs: the caller's `with`, else the default (an expression there is evaluated).
-    const given = this.job.with || {};
     for (const name of Object.keys(given)) {
       if (!(template.inputs || []).some((i) => i.id === name)) this.record.annotations.push({ level: "warning", message: `Unexpected input '${name}'`, step: "" });
     }
     for (const input of template.inputs || []) {
-      if (input.id in given) this.inputs[input.id] = String(given[input.id]);
-      else if (input.default !== undefined) this.inputs[input.id] = asString(input.default, this.contexts(), this.status());
+      if (input.id in given) frame.inputs[input.id] = String(given[input.id]);
+      else if (input.default !== undefined) frame.inputs[input.id] = asString(input.default, this.contexts(frame), this.status(frame));
       else {
         if (input.required) throw new Error(`Input required and not supplied: ${input.id}`);
-        this.inputs[input.id] = "";
+        frame.inputs[input.id] = "";
       }
     }
-
-    template.runs.steps.forEach((step, index) => this.step(step, [...rawSteps][index], index));
-    for (const post of this.posts.reverse()) post();
-
-    const c = this.contexts();
-    for (const output of template.outputs || []) this.record.outputs[output.id] = asString(output.value, c, this.status()) ?? "";
-    this.record.status = this.failed ? "failure" : "success";
-    this.record.summary = fs.readFileSync(this.summary, "utf8");
-    this.record.inputs = this.inputs;
+    frame.actionPath = path.dirname(actionFile);
+    frame.env = { ...frame.env, ...callerEnv };
+    template.runs.steps.forEach((step, index) => this.step(frame, step, [...rawSteps][index], index));
+    const c = this.contexts(frame);
+    const outputs = {};
+    for (const output of template.outputs || []) outputs[output.id] = asString(output.value, c, this.status(frame)) ?? "";
+    return { ok: !frame.failed, outputs, inputs: frame.inputs, log: "" };
   }
 
-  step(step, raw, index) {
+  step(frame, step, raw, index) {
     const name = step.name ? String(step.name) : (step.uses ? String(step.uses) : `step ${index + 1}`);
     const id = step.id && !step.id.startsWith("__") ? step.id : null;
-    const entry = { index, name, id, uses: step.uses ? String(step.uses) : null, ran: false };
+    const entry = { index: this.counter++, name, id, uses: step.uses ? String(step.uses) : null, ran: false };
     this.record.steps.push(entry);
-    let c = this.contexts();
-    if (!truthy(evaluateExpression(step.if.expression, c, this.status()))) {
+    const c = this.contexts(frame);
+    if (!truthy(evaluateExpression(step.if.expression, c, this.status(frame)))) {
       entry.outcome = entry.conclusion = "skipped";
-      if (id) this.steps[id] = { outputs: {}, outcome: "skipped", conclusion: "skipped" };
+      if (id) frame.steps[id] = { outputs: {}, outcome: "skipped", conclusion: "skipped" };
       return;
     }
     entry.ran = true;
     const stepEnv = {};
-    if (step.env) for (const pair of step.env) stepEnv[String(pair.key)] = asString(pair.value, c, this.status()) ?? "";
+    if (step.env) for (const pair of step.env) stepEnv[String(pair.key)] = asString(pair.value, c, this.status(frame)) ?? "";
     entry.env = stepEnv;
     const rawField = (key) => [...raw].find((p) => p.key.value === key)?.value;
     let result;
@@ -235,11 +278,19 @@ class Run {
       if (step.uses) {
         const withValues = {};
         const w = rawField("with");
-        if (w) for (const pair of w) withValues[String(pair.key)] = asString(pair.value, c, this.status()) ?? "";
+        if (w) for (const pair of w) withValues[String(pair.key)] = asString(pair.value, c, this.status(frame)) ?? "";
         entry.with = withValues;
-        result = this.fake(String(step.uses), withValues, stepEnv, entry);
+        const local = (this.job.uses_map || {})[String(step.uses)];
+        if (local) {
+          const inner = { steps: {}, inputs: {}, actionPath: "", failed: false, env: { ...frame.env, ...stepEnv } };
+          result = this.composite(local, withValues, {}, inner);
+          entry.inputs = result.inputs;
+        } else {
+          result = this.fake(String(step.uses), withValues, { ...frame.env, ...stepEnv }, entry);
+        }
       } else {
-        result = this.bash(asString(step.run, c, this.status()), stepEnv, rawField("working-directory"), c, entry);
+        const shell = rawField("shell") ? asString(rawField("shell"), c, this.status(frame)) : null;
+        result = this.bash(asString(step.run, c, this.status(frame)), { ...frame.env, ...stepEnv }, rawField("working-directory"), c, entry, shell, frame);
       }
     } catch (err) {
       result = { ok: false, outputs: {}, log: `${err.stack || err}` };
@@ -250,14 +301,14 @@ class Run {
     this.annotate(name, result.log || "");
     entry.outcome = result.ok ? "success" : "failure";
     let continueOnError = step["continue-on-error"];
-    if (continueOnError !== undefined && typeof continueOnError !== "boolean") continueOnError = truthy(tokenValue(continueOnError, c, this.status()));
+    if (continueOnError !== undefined && typeof continueOnError !== "boolean") continueOnError = truthy(tokenValue(continueOnError, c, this.status(frame)));
     entry.conclusion = result.ok || continueOnError ? "success" : "failure";
-    if (entry.conclusion === "failure") this.failed = true;
+    if (entry.conclusion === "failure") frame.failed = true;
     if (!result.ok && continueOnError) this.record.annotations.push({ level: "warning", message: `step '${name}' failed; continue-on-error`, step: name });
-    if (id) this.steps[id] = { outputs: result.outputs, outcome: entry.outcome, conclusion: entry.conclusion };
+    if (id) frame.steps[id] = { outputs: result.outputs, outcome: entry.outcome, conclusion: entry.conclusion };
   }
 
-  bash(script, stepEnv, workingDirectory, c, entry) {
+  bash(script, stepEnv, workingDirectory, c, entry, shell, frame) {
     const files = {};
     for (const name of ["GITHUB_OUTPUT", "GITHUB_ENV", "GITHUB_PATH"]) {
       files[name] = path.join(this.temp, `${name.toLowerCase()}_${entry.index}`);
@@ -265,10 +316,12 @@ class Run {
     }
     const file = path.join(this.temp, `step_${entry.index}.sh`);
     fs.writeFileSync(file, script);
-    const cwd = workingDirectory ? path.resolve(this.workspace, asString(workingDirectory, c, this.status())) : this.workspace;
+    const cwd = workingDirectory ? path.resolve(this.workspace, asString(workingDirectory, c, this.status(frame))) : this.workspace;
     const env = { ...this.env, ...this.runnerEnv(c), ...stepEnv, ...files, GITHUB_STEP_SUMMARY: this.summary };
-    // The runner's default for `shell: bash`.
-    const proc = spawnSync("bash", ["--noprofile", "--norc", "-eo", "pipefail", file], { cwd, env, encoding: "utf8", maxBuffer: 1 << 28 });
+    // The runner's command lines: `shell: bash`, and no shell at all in a workflow on Linux.
+    if (shell && shell !== "bash") throw new Error(`shell ${shell} is not supported here`);
+    const args = shell === "bash" ? ["--noprofile", "--norc", "-eo", "pipefail", file] : ["-e", file];
+    const proc = spawnSync("bash", args, { cwd, env, encoding: "utf8", maxBuffer: 1 << 28 });
     const log = (proc.stdout || "") + (proc.stderr || "") + (proc.error ? String(proc.error) : "");
     const newEnv = parseKeyValueFile(files.GITHUB_ENV);
     Object.assign(this.env, newEnv);
@@ -284,6 +337,7 @@ class Run {
     const [name, ref] = uses.split("@");
     this.record.calls.push({ uses, with: withValues });
     const fakes = {
+      "actions/checkout": () => ({ ok: true, outputs: {}, log: "checked out (the workspace is prepared by the test)\n" }),
       "actions/setup-python": () => this.setupPython(withValues),
       "actions/cache": () => this.cacheRestore(withValues, true),
       "actions/cache/restore": () => this.cacheRestore(withValues, false),
@@ -507,7 +561,7 @@ if (process.argv[2] === "--github-script") {
   try {
     job = readJob(process.argv[2]);
     run = new Run(job);
-    run.main();
+    await run.main();
   } catch (err) {
     console.error(`run-action: ${err.message}`);
     if (run) fs.writeFileSync(job.record, JSON.stringify({ ...run.record, error: err.message }, null, 1));
