@@ -11,7 +11,14 @@
 // (each one's source is cited below): a cache with exact and prefix restore, an artifact store,
 // and a comment API that can fail.
 //
-// Usage: node .ci/run-action.mjs JOB.json   (JOB.json: see readJob below; writes job.record)
+// It also runs one job of a workflow file (its `if:`, a matrix combination, secrets, `run:` steps
+// and `uses:` of the composite action under test), so that the example workflows are run too.
+//
+// Usage: node .ci/run-action.mjs JOB.json, JOB.json holding: "action" (an action.yml) and "with",
+// or "workflow", "job_id" and "uses_map" (uses: reference -> local action.yml); "workspace",
+// "env", "github", "runner", "strategy", "matrix", "secrets"; "fakes" (python_path, cache_dir,
+// artifact_dir, comments_file, comments_fail, token_login); "record" (where the record of every
+// step, annotation, fake call, the outputs, the job status and the step summary is written).
 // Exit status: 0 when the job succeeded, 1 when it failed, 2 when the action or JOB.json is bad.
 // The npm packages come from .ci/node/node_modules (.ci/run installs them), or GATE_NODE_MODULES.
 import { execFileSync, spawnSync } from "node:child_process";
