@@ -165,44 +165,50 @@ def free_memory() -> None:
 
 
 class AdapterSlot:
-    """Holds at most one adapter on the loaded base: memory stays at base + one adapter."""
+    """Holds at most one adapter on the loaded base: memory stays at base + one adapter.
+
+    Each adapter is injected into the base and removed again with peft's ``unload()``, which
+    puts back every module peft replaced (LoRA layers, DoRA, ``modules_to_save`` copies, LoRA on
+    parameters). Deleting an adapter from a kept wrapper is not enough: a ``modules_to_save``
+    wrapper left behind breaks the next adapter, and adapters with other ``target_parameters``
+    cannot share one wrapper. ``unload()`` alone is not enough either (it keeps the adapter's
+    ``modules_to_save`` copy), so the adapter is deleted first.
+    """
 
     def __init__(self, base_model):
         self.base_model = base_model
-        self.model = None  # the PeftModel, created on the first attach
+        self.model = None  # the PeftModel while an adapter is attached
         self.active: str | None = None
-        self._count = 0
 
     def attach(self, ckpt: Checkpoint):
         """Load the checkpoint's adapter and make it the active one; returns the model to score."""
         from peft import PeftConfig, PeftModel
 
-        name = f"gate_{self._count}"
-        self._count += 1
+        self.detach()
         try:
-            if self.model is None:
-                config = PeftConfig.from_pretrained(ckpt.path)
-                config.inference_mode = True
-                # Keep the wrapper as soon as the layers are injected: if loading the weights then
-                # fails, the injected adapter must be deleted, not left in the base for the next one.
-                self.model = PeftModel(self.base_model, config, adapter_name=name)
-            self.model.load_adapter(ckpt.path, adapter_name=name, is_trainable=False)
-            self.model.set_adapter(name)
+            config = PeftConfig.from_pretrained(ckpt.path)
+            config.inference_mode = True
+            # Keep the wrapper as soon as the layers are injected: if loading the weights then
+            # fails, the injected layers must be removed, not left in the base for the next one.
+            self.model = PeftModel(self.base_model, config, adapter_name="gate")
+            self.model.load_adapter(ckpt.path, adapter_name="gate", is_trainable=False)
+            self.model.set_adapter("gate")
         except Exception as err:  # noqa: BLE001 - every load failure is this checkpoint's problem
-            self._forget(name)
+            self.detach()
             raise CheckpointError(f"{ckpt.name}: the adapter does not fit the base: {_load_reason(err)}") from None
-        self.active = name
+        self.active = ckpt.name
         self.model.eval()
         return self.model
 
     def detach(self) -> None:
-        if self.active is not None:
-            self._forget(self.active)
-            self.active = None
-
-    def _forget(self, name: str) -> None:
-        if self.model is not None and name in self.model.peft_config:
-            self.model.delete_adapter(name)
+        if self.model is not None:
+            # Delete first: unload() alone would leave the adapter's trained copy of a
+            # modules_to_save module in the base (peft returns the active copy on unload).
+            if "gate" in self.model.peft_config:
+                self.model.delete_adapter("gate")
+            self.model.unload()  # the base's own modules back in place
+            self.model = None
+        self.active = None
 
 
 def _load_reason(err: Exception) -> str:
