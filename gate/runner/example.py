@@ -77,12 +77,16 @@ def build_base(
     context: int = 128,
     pretrain_steps: int = 0,
     corpus: list[str] | None = None,
+    tokenizer=None,
 ) -> Path:
-    """Save a tiny Llama-style model + tokenizer to ``out_dir``; optionally pre-train it briefly."""
+    """Save a tiny Llama-style model + tokenizer to ``out_dir``; optionally pre-train it briefly.
+
+    ``tokenizer``: use this one instead of training one on ``corpus``.
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
 
     corpus = corpus or toy_sentences(400, seed) + arithmetic_lines(200, seed)
-    tokenizer = build_tokenizer(corpus)
+    tokenizer = tokenizer or build_tokenizer(corpus)
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),

@@ -96,6 +96,7 @@ def run(request: RunRequest, progress: ProgressFn = no_progress) -> RunOutcome:
         progress(ProgressEvent("stage", message=f"resolving base {request.base}"))
         base_dir = models.resolve_base(request.base, request.online)
         base_config = models.read_model_config(base_dir)
+        models.check_saved_by(base_dir, base_config)
         base_hash = sha256_files(models.weight_files(base_dir, request.allow_pickle), base_dir, store.hash_cache)
         tokenizer_hash = sha256_files(models.tokenizer_files(base_dir), base_dir, store.hash_cache)
         # Loaded on first use: a run with every score stored never imports the tokenizer stack.
