@@ -25,7 +25,7 @@ from gate.errors import EXIT_INVALID_INPUT, EXIT_RUNTIME_FAILURE, CheckpointErro
 from gate.overlap import DEFAULT_N
 from gate.plan import no_checkpoints_message, prepare_run, shard_share
 from gate.progress import ProgressEvent, no_progress
-from gate.results import read_results
+from gate.results import read_results, version_conflicts
 from gate.scan import ScanReport, scan
 
 EXIT_INTERRUPTED = 130
@@ -366,6 +366,13 @@ def _apply_policy(results, policy, config_path: str | None, out_dir: Path):
     if problems:
         raise ConfigError(config_path, problems)
     release = read_release(out_dir) if policy.reference == "release" else None
+    mixed = version_conflicts(results, release.model if release is not None else None)
+    if mixed:
+        listing = "\n".join(f"  - {line}" for line in mixed)
+        raise GateError(
+            f"{out_dir / 'results.json'}: scores computed under other library versions would be compared:\n{listing}\n"
+            "gate never compares them: re-run `gate run` to score everything under the installed versions"
+        )
     verdict = policy_engine.evaluate(policy, results, np.random.default_rng(policy.seed), release)
     verdict.provenance = {
         "results": str(out_dir / "results.json"),
@@ -437,6 +444,8 @@ def _print_run(outcome) -> None:
         headers = [f"{t.name} {t.metric}" for t in tasks]
         cells = {h: t.name for h, t in zip(headers, tasks)}
         _print_table("lm-eval", models, width, headers, lambda m, h: _task_cell(m, cells[h]))
+    if outcome.rescoring:
+        click.echo(outcome.rescoring)
     counts = f"computed {len(outcome.computed)} model x suite score(s), reused {len(outcome.reused)} from the store"
     if outcome.skipped:
         counts += f", skipped {len(outcome.skipped)} (funnel)"

@@ -399,11 +399,18 @@ def check_versions() -> None:
             raise RunFailure(f"{package} {found} is too old; gate needs >= {minimum}: pip install '{package}>={minimum}'")
 
 
+def score_versions() -> dict[str, str]:
+    """Versions of the libraries that compute a score's numbers (part of every store key)."""
+    from importlib.metadata import version
+
+    return {p: version(p) for p in ("torch", "transformers", "tokenizers", "peft")}
+
+
 def library_versions() -> dict[str, str]:
     import platform
     from importlib.metadata import version
 
     return {
         "python": platform.python_version(),
-        **{p: version(p) for p in ("torch", "transformers", "peft")},
+        **{p: version(p) for p in ("torch", "transformers", "tokenizers", "peft")},
     }
