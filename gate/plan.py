@@ -10,7 +10,7 @@ from pathlib import Path
 from gate.config import Funnel, GateConfig, Policy, SuiteSpec, builtin_spec, find_config, load_config
 from gate.errors import BaseModelError, CheckpointError, ConfigError, SuiteError
 from gate.overlap import Overlap, index_training_file, overlap, suite_file_segments, suite_segments
-from gate.scan import ScanReport, looks_like_path, missing_base_message, scan
+from gate.scan import ScanReport, looks_like_path, missing_base_message, path_is_missing, scan
 from gate.store import STORE_NAME, ResultsStore
 from gate.suites import Suite, builtin_entries, load_suite
 
@@ -75,7 +75,7 @@ def choose_base(flag: str | None, config: GateConfig, scan: ScanReport) -> str:
     named = Counter(c.base_model for c in scan.valid if c.kind == "lora" and c.base_model)
     if len(named) == 1:
         name = next(iter(named))
-        if looks_like_path(name) and not Path(name).expanduser().exists():
+        if looks_like_path(name) and path_is_missing(name):
             raise BaseModelError(missing_base_message(name))
         return name
     if not named:

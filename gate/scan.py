@@ -567,6 +567,17 @@ def looks_like_path(name: str) -> bool:
     return name.startswith(("/", "~", "./", "../")) or bool(re.match(r"^[A-Za-z]:[\\/]", name))
 
 
+def path_is_missing(name: str) -> bool:
+    """Whether no file or folder is at this path (one that exists but cannot be read is not missing)."""
+    try:
+        os.stat(os.path.expanduser(name))
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+    except OSError:
+        return False
+    return False
+
+
 def missing_base_message(name: str) -> str:
     return (
         f"the adapters name base {name!r}, a path that does not exist on this machine (the machine they "
@@ -580,5 +591,5 @@ def _missing_base_paths(found: list[Checkpoint]) -> list[str]:
     return [
         missing_base_message(name)
         for name in sorted(named)
-        if looks_like_path(name) and not Path(name).expanduser().exists()
+        if looks_like_path(name) and path_is_missing(name)
     ]
