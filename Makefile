@@ -36,7 +36,10 @@ test: install
 # that import transformers, peft and lm-eval run there.
 OLDEST_VENV ?= .venv-oldest
 OLDEST_SPEC ?= transformers>=4.57,<4.58
-OLDEST_TESTS ?= tests/test_runner.py tests/test_scan.py tests/test_adapters.py tests/test_harness.py tests/test_compat.py
+OLDEST_TESTS ?= tests/test_compat.py tests/test_scan.py tests/test_adapters.py tests/test_runner.py tests/test_harness.py
+# Left out there: store and resumption mechanics that no transformers version touches (the
+# newest line's job runs them), to keep CI short.
+OLDEST_SKIP ?= killed or interrupted or new_checkpoint or changed_ or funnel or limit_marks or bad_tasks or cli_prints or task_identity
 OLDEST_BIN := $(OLDEST_VENV)/bin
 
 $(OLDEST_BIN)/.gate-installed: pyproject.toml Makefile
@@ -47,7 +50,7 @@ $(OLDEST_BIN)/.gate-installed: pyproject.toml Makefile
 	touch $@
 
 test-oldest: $(OLDEST_BIN)/.gate-installed
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(OLDEST_BIN)/python -m pytest $(OLDEST_TESTS)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(OLDEST_BIN)/python -m pytest $(OLDEST_TESTS) -k "not ($(OLDEST_SKIP))"
 
 clean:
 	rm -rf $(VENV) $(OLDEST_VENV) .gate-demo reports/demo .pytest_cache

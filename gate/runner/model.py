@@ -296,7 +296,14 @@ class AdapterSlot:
             self.model.set_adapter("gate")
         except Exception as err:  # noqa: BLE001 - every load failure is this checkpoint's problem
             self.detach()
-            raise CheckpointError(f"{ckpt.name}: the adapter does not fit the base: {_load_reason(err)}") from None
+            reason = _load_reason(err)
+            if ckpt.lora is not None and ckpt.lora.target_parameters and _installed_major("transformers") < 5:
+                reason += (
+                    f"; it puts LoRA on parameters ({', '.join(ckpt.lora.target_parameters)}), as on the fused MoE "
+                    f"experts of transformers 5, which transformers {_installed('transformers')} does not have: "
+                    "pip install -U 'transformers>=5'"
+                )
+            raise CheckpointError(f"{ckpt.name}: the adapter does not fit the base: {reason}") from None
         self.active = ckpt.name
         self.model.eval()
         return self.model
