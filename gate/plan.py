@@ -60,6 +60,10 @@ class RunRequest:
     """Checkpoint name -> (reason, exit code) of failures that happened elsewhere (other workers)."""
     keep_base_loaded: bool = False
     """Keep the loaded base in this process between runs (long-lived workers)."""
+    versions: dict[str, str] | None = None
+    """Library versions the scores are looked up under (torch, transformers, tokenizers, peft);
+    None: the installed ones. `gate merge` passes the shards' (they may differ from the merging
+    machine's, e.g. a CUDA torch build against a CPU one)."""
     overlaps: list[Overlap] = field(default_factory=list)
     """The contamination check's findings (gate.yaml ``contamination:``)."""
     warnings: list[str] = field(default_factory=list)

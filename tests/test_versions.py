@@ -89,3 +89,28 @@ def test_check_refuses_results_that_mix_library_versions(scored):
     assert f"  - run-a/checkpoint-4 on text: transformers 4.57.6 vs {INSTALLED['transformers']} (the base's)" in result.output
     assert f"  - untrained on text: tokenizers 0.22.2 vs {INSTALLED['tokenizers']} (the base's)" in result.output
     assert "run-a/checkpoint-2" not in result.output
+
+
+def test_merge_uses_the_versions_the_shards_scored_under(world, tmp_path):
+    config = tmp_path / "gate.yaml"
+    config.write_text(f"base: {world.base}\nsuites:\n  - {{name: text, path: {world.suites / 'text.jsonl'}}}\n")
+    shards = [tmp_path / f"shard{i}" for i in (1, 2)]
+    for i, out in enumerate(shards, 1):
+        assert gate("run", world.checkpoints, "--config", config, "--out", out, "--device", "cpu", "-q", "--shard", f"{i}/2").exit_code == 0
+        # As if the shards ran on GPU machines (a CUDA torch build) and the merge runs on a CPU one.
+        _as_if_stored_under(out / "gate.sqlite", "torch", "2.13.0+cu126")
+        raw = json.loads((out / "results.json").read_text())
+        raw["versions"]["torch"] = "2.13.0+cu126"
+        (out / "results.json").write_text(json.dumps(raw))
+    merged = tmp_path / "merged"
+    args = ["merge", world.checkpoints, "--config", config, "--out", merged, "--from", shards[0], "--from", shards[1]]
+    assert gate(*args).exit_code == 0
+    results = read_results(merged / "results.json")
+    assert all(c.scores["text"].libraries["torch"] == "2.13.0+cu126" for c in results.checkpoints)
+    assert results.base.scores["text"].libraries["torch"] == "2.13.0+cu126"
+    raw = json.loads((shards[1] / "results.json").read_text())
+    raw["versions"]["transformers"] = "4.57.6"
+    (shards[1] / "results.json").write_text(json.dumps(raw))
+    refused = gate("merge", world.checkpoints, "--config", config, "--out", tmp_path / "m2", "--from", shards[0], "--from", shards[1])
+    assert refused.exit_code == 2 and "the shards scored under different library versions" in refused.output
+    assert f"{shards[1]}: torch 2.13.0+cu126, transformers 4.57.6" in refused.output

@@ -123,7 +123,7 @@ def run(request: RunRequest, progress: ProgressFn = no_progress) -> RunOutcome:
             lm_eval=harness.lm_eval_version() if tasks else None,
             seeds=dict(harness.SEEDS) if tasks else {},
         )
-        plans = _plan(request, tasks, base_hash, tokenizer_hash, settings, store, models.score_versions())
+        plans = _plan(request, tasks, base_hash, tokenizer_hash, settings, store, request.versions or models.score_versions())
         outcome = RunOutcome(results_path=request.out_dir / RESULTS_NAME)
         for plan in plans[1:]:
             if plan.result.status == "invalid":
