@@ -145,3 +145,24 @@ def test_base_path_from_the_training_machine_is_remapped_with_base(world, ckpt_c
     request = prepare_run(ckpt_copy, config_path=config, out_dir=tmp_path / "out", base=str(world.base), device="cpu")
     outcome = run(request)
     assert outcome.exit_code == 0 and all(c.status == "ok" for c in outcome.results.checkpoints)
+
+
+def test_adapter_with_tensors_the_base_has_no_place_for_is_refused(world, adapters, tmp_path):
+    """peft loads the tensors that fit and warns about the others; gate refuses to score that."""
+    from safetensors.torch import load_file, save_file
+
+    folder, _ = adapters
+    shutil.copytree(folder / "names", tmp_path / "ckpts" / "deeper")
+    path = tmp_path / "ckpts" / "deeper" / "adapter_model.safetensors"
+    tensors = load_file(path)
+    for key in [k for k in tensors if ".layers.1." in k]:  # as if trained on a model with 8 layers
+        tensors[key.replace(".layers.1.", ".layers.7.")] = tensors[key].clone()
+    save_file(tensors, path)
+    assert scan(tmp_path / "ckpts").checkpoints[0].ok  # the config targets q_proj/v_proj, as its tensors say
+    config = tmp_path / "gate.yaml"
+    config.write_text(f"base: {world.base}\nsuites:\n  - {{name: text, path: {world.suites / 'text.jsonl'}}}\n")
+    outcome = run(prepare_run(tmp_path / "ckpts", config_path=config, out_dir=tmp_path / "out", device="cpu"))
+    (bad,) = outcome.results.checkpoints
+    assert bad.status == "error" and outcome.exit_code == 2 and bad.scores == {}
+    assert "4 of its tensors have no place in this base and would be ignored" in bad.reason
+    assert "layers.7" in bad.reason and "--base" in bad.reason

@@ -134,3 +134,19 @@ def test_adapter_needing_a_newer_peft_is_refused(world, ckpt_copy, tmp_path):
     assert bad.status == "error" and bad.error_code == 2 and bad.scores == {}
     assert "sets use_quantum_lora, which peft" in bad.reason and "pip install -U 'peft>=9.1.0'" in bad.reason
     assert by_name["run-a/checkpoint-2"].status == "ok"
+
+
+def test_moe_adapter_from_transformers_5_is_scored_on_5_and_refused_on_4(tmp_path):
+    """LoRA on the fused experts (target_parameters), saved under transformers 5.23: 4.x has no such
+    parameters and peft would load the rest with a warning; gate refuses, naming the upgrade."""
+    from gate.runner.example import build_moe_base
+
+    base = build_moe_base(tmp_path / "base")
+    shutil.copytree(Path(__file__).parent / "data" / "moe-adapter-saved-by-transformers-5", tmp_path / "ckpts" / "moe-lora")
+    outcome = run(prepare_run(tmp_path / "ckpts", config_path=_suite_config(tmp_path, base), out_dir=tmp_path / "out", device="cpu"))
+    (adapter,) = outcome.results.checkpoints
+    if INSTALLED.major >= 5:
+        assert adapter.status == "ok" and outcome.exit_code == 0
+    else:
+        assert adapter.status == "error" and outcome.exit_code == 2 and adapter.scores == {}
+        assert "have no place in this base" in adapter.reason and "pip install -U 'transformers>=5'" in adapter.reason

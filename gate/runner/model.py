@@ -292,17 +292,20 @@ class AdapterSlot:
             # Keep the wrapper as soon as the layers are injected: if loading the weights then
             # fails, the injected layers must be removed, not left in the base for the next one.
             self.model = PeftModel(self.base_model, config, adapter_name="gate")
-            self.model.load_adapter(ckpt.path, adapter_name="gate", is_trainable=False)
+            loaded = self.model.load_adapter(ckpt.path, adapter_name="gate", is_trainable=False)
             self.model.set_adapter("gate")
+            _check_all_loaded(loaded)
         except Exception as err:  # noqa: BLE001 - every load failure is this checkpoint's problem
             self.detach()
             reason = _load_reason(err)
             if ckpt.lora is not None and ckpt.lora.target_parameters and _installed_major("transformers") < 5:
                 reason += (
-                    f"; it puts LoRA on parameters ({', '.join(ckpt.lora.target_parameters)}), as on the fused MoE "
-                    f"experts of transformers 5, which transformers {_installed('transformers')} does not have: "
+                    f"; it puts LoRA on parameters ({', '.join(sorted(ckpt.lora.target_parameters))}), as on the fused "
+                    f"MoE experts of transformers 5, which transformers {_installed('transformers')} does not have: "
                     "pip install -U 'transformers>=5'"
                 )
+            elif isinstance(err, _PartialLoad) and "no place" in reason:
+                reason += "; pass --base with the model it was trained from"
             raise CheckpointError(f"{ckpt.name}: the adapter does not fit the base: {reason}") from None
         self.active = ckpt.name
         self.model.eval()
@@ -355,7 +358,28 @@ def check_peft_config(ckpt: Checkpoint) -> None:
     )
 
 
+class _PartialLoad(Exception):
+    """peft loaded an adapter only in part (it warns and goes on; gate would score another adapter)."""
+
+
+def _check_all_loaded(loaded) -> None:
+    unexpected = list(getattr(loaded, "unexpected_keys", None) or [])
+    missing = list(getattr(loaded, "missing_keys", None) or [])
+    if unexpected:
+        raise _PartialLoad(
+            f"{len(unexpected)} of its tensors have no place in this base and would be ignored "
+            f"(first: {unexpected[0]})"
+        )
+    if missing:
+        raise _PartialLoad(
+            f"its config targets modules whose weights it lacks ({len(missing)}, first: {missing[0]}); "
+            "re-save the adapter with peft's save_pretrained()"
+        )
+
+
 def _load_reason(err: Exception) -> str:
+    if isinstance(err, _PartialLoad):
+        return str(err)
     text = str(err)
     if "size mismatch" in text:
         first = next((line.strip() for line in text.splitlines() if "size mismatch" in line), text)
