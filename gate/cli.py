@@ -25,7 +25,7 @@ from gate.errors import EXIT_INVALID_INPUT, EXIT_RUNTIME_FAILURE, CheckpointErro
 from gate.overlap import DEFAULT_N
 from gate.plan import no_checkpoints_message, prepare_run, shard_share
 from gate.progress import ProgressEvent, no_progress
-from gate.results import read_results
+from gate.results import read_results, version_conflicts
 from gate.scan import ScanReport, scan
 
 EXIT_INTERRUPTED = 130
@@ -157,6 +157,7 @@ def merge_command(directory: Path, shards: tuple[Path, ...], config_path: Path |
     from gate.store import STORE_NAME, ResultsStore
 
     settings = read_results(shards[0] / "results.json").settings
+    versions = _shard_versions(shards)
     with ResultsStore(out_dir / STORE_NAME) as store:
         for shard in shards:
             if not (shard / STORE_NAME).is_file():
@@ -164,9 +165,26 @@ def merge_command(directory: Path, shards: tuple[Path, ...], config_path: Path |
             with ResultsStore(shard / STORE_NAME) as source:
                 store.import_rows(source.export(source.keys()))
     options = dict(device="cpu", dtype=settings.dtype, max_length=settings.max_length, stride=settings.stride, shard=None)
-    outcome, request = _run(directory, config_path=config_path, base=base, out_dir=out_dir, allow_pickle=allow_pickle, quiet=True, merge=True, **options)
+    outcome, request = _run(directory, config_path=config_path, base=base, out_dir=out_dir, allow_pickle=allow_pickle, quiet=True, merge=True, versions=versions, **options)
     verdict = _apply_policy(outcome.results, request.policy, request.config_path, out_dir)
     sys.exit(outcome.exit_code or verdict.exit_code)
+
+
+SCORE_LIBRARIES = ("torch", "transformers", "tokenizers", "peft")
+
+
+def _shard_versions(shards: tuple[Path, ...]) -> dict[str, str] | None:
+    """The library versions every shard scored under; shards scored under different ones are refused."""
+    found = {}
+    for shard in shards:
+        recorded = read_results(shard / "results.json").versions
+        found[shard] = {k: recorded[k] for k in SCORE_LIBRARIES if k in recorded}
+    first = found[shards[0]]
+    differ = [f"{shard}: {', '.join(f'{k} {v}' for k, v in versions.items())}" for shard, versions in found.items() if versions != first]
+    if differ:
+        listing = "\n".join(f"  - {line}" for line in [f"{shards[0]}: {', '.join(f'{k} {v}' for k, v in first.items())}", *differ])
+        raise GateError(f"the shards scored under different library versions, which gate never compares:\n{listing}\nre-run them in one environment")
+    return first if set(first) == set(SCORE_LIBRARIES) else None
 
 
 @main.command("check")
@@ -342,6 +360,7 @@ def _run(
     workers: int | None = None,
     shard: str | None = None,
     merge: bool = False,
+    versions: dict[str, str] | None = None,
     **options,
 ):
     """prepare_run (no torch) -> runner.run (or its Ray twin) -> the summary table. Options are prepare_run's."""
@@ -354,6 +373,7 @@ def _run(
         request.only = shard_share(request, shard)
     if merge:
         request.only = {}  # everything comes from the merged store
+        request.versions = versions  # under the versions the shards scored with
     from gate.runner import run  # torch is imported here, and only here
 
     renderer = _ProgressRenderer()
@@ -386,6 +406,13 @@ def _apply_policy(results, policy, config_path: str | None, out_dir: Path):
     if problems:
         raise ConfigError(config_path, problems)
     release = read_release(out_dir) if policy.reference == "release" else None
+    mixed = version_conflicts(results, release.model if release is not None else None)
+    if mixed:
+        listing = "\n".join(f"  - {line}" for line in mixed)
+        raise GateError(
+            f"{out_dir / 'results.json'}: scores computed under other library versions would be compared:\n{listing}\n"
+            "gate never compares them: re-run `gate run` to score everything under the installed versions"
+        )
     verdict = policy_engine.evaluate(policy, results, np.random.default_rng(policy.seed), release)
     verdict.provenance = {
         "results": str(out_dir / "results.json"),
@@ -457,6 +484,8 @@ def _print_run(outcome) -> None:
         headers = [f"{t.name} {t.metric}" for t in tasks]
         cells = {h: t.name for h, t in zip(headers, tasks)}
         _print_table("lm-eval", models, width, headers, lambda m, h: _task_cell(m, cells[h]))
+    if outcome.rescoring:
+        click.echo(outcome.rescoring)
     counts = f"computed {len(outcome.computed)} model x suite score(s), reused {len(outcome.reused)} from the store"
     if outcome.skipped:
         counts += f", skipped {len(outcome.skipped)} (funnel)"

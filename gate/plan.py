@@ -10,7 +10,7 @@ from pathlib import Path
 from gate.config import Funnel, GateConfig, Policy, SuiteSpec, builtin_spec, find_config, load_config
 from gate.errors import BaseModelError, CheckpointError, ConfigError, SuiteError
 from gate.overlap import Overlap, index_training_file, overlap, suite_file_segments, suite_segments
-from gate.scan import ScanReport, scan
+from gate.scan import ScanReport, looks_like_path, missing_base_message, path_is_missing, scan
 from gate.store import STORE_NAME, ResultsStore
 from gate.suites import Suite, builtin_entries, load_suite
 
@@ -60,6 +60,10 @@ class RunRequest:
     """Checkpoint name -> (reason, exit code) of failures that happened elsewhere (other workers)."""
     keep_base_loaded: bool = False
     """Keep the loaded base in this process between runs (long-lived workers)."""
+    versions: dict[str, str] | None = None
+    """Library versions the scores are looked up under (torch, transformers, tokenizers, peft);
+    None: the installed ones. `gate merge` passes the shards' (they may differ from the merging
+    machine's, e.g. a CUDA torch build against a CPU one)."""
     overlaps: list[Overlap] = field(default_factory=list)
     """The contamination check's findings (gate.yaml ``contamination:``)."""
     warnings: list[str] = field(default_factory=list)
@@ -74,7 +78,10 @@ def choose_base(flag: str | None, config: GateConfig, scan: ScanReport) -> str:
         return config.base
     named = Counter(c.base_model for c in scan.valid if c.kind == "lora" and c.base_model)
     if len(named) == 1:
-        return next(iter(named))
+        name = next(iter(named))
+        if looks_like_path(name) and path_is_missing(name):
+            raise BaseModelError(missing_base_message(name))
+        return name
     if not named:
         raise BaseModelError(
             "no base model: the checkpoints name none; pass --base MODEL or set `base:` in gate.yaml"

@@ -52,6 +52,9 @@ class SuiteScore:
     """Sum of the documents' scored UTF-8 bytes."""
     documents: list[DocumentScore] = field(default_factory=list)
     """Per-document records, in suite order."""
+    libraries: dict[str, str] = field(default_factory=dict)
+    """Versions of the libraries this score was computed under (torch, transformers, tokenizers;
+    peft for adapters); only scores computed under equal versions are compared. {}: not recorded."""
 
     @property
     def perplexity(self) -> float:
@@ -88,6 +91,7 @@ class SuiteScore:
             tokens=obj["tokens"],
             bytes=obj["bytes"],
             documents=[DocumentScore(**d) for d in obj["documents"]],
+            libraries=obj.get("libraries", {}),
         )
 
 
@@ -125,6 +129,9 @@ class TaskScore:
     """Documents per task were capped at this (a partial, quick run); None: all."""
     versions: dict = field(default_factory=dict)
     """Task versions."""
+    libraries: dict[str, str] = field(default_factory=dict)
+    """Versions of the libraries this score was computed under (torch, transformers, tokenizers,
+    lm_eval; peft for adapters); only scores computed under equal versions are compared."""
 
     @property
     def value(self) -> float:
@@ -328,6 +335,29 @@ def unpaired_items(reference: TaskScore, other: TaskScore) -> list[str]:
     ref = {item.id: item.prompt_hash for item in reference.items}
     oth = {item.id: item.prompt_hash for item in other.items}
     return sorted(k for k in ref.keys() | oth.keys() if ref.get(k) != oth.get(k))
+
+
+def version_conflicts(results: Results, release: ModelResult | None = None) -> list[str]:
+    """Scores that would be compared although other library versions computed them.
+
+    Every checkpoint's score (and the blessed release's) is compared with the base's on the same
+    suite; the libraries both record must be at the same versions (peft is recorded for adapters
+    only, as it does not touch the base). Scores that record no versions are not checked.
+    """
+    conflicts = []
+    reference = {**results.base.scores, **results.base.tasks}
+    others = [c for c in results.checkpoints if c.status == "ok"] + ([release] if release is not None else [])
+    for model in others:
+        label = "the release" if model is release else model.name
+        for suite, score in {**model.scores, **model.tasks}.items():
+            base = reference.get(suite)
+            if base is None or not base.libraries or not score.libraries:
+                continue
+            differ = sorted(k for k in base.libraries.keys() & score.libraries.keys() if base.libraries[k] != score.libraries[k])
+            if differ:
+                what = ", ".join(f"{k} {score.libraries[k]} vs {base.libraries[k]}" for k in differ)
+                conflicts.append(f"{label} on {suite}: {what} (the base's)")
+    return conflicts
 
 
 def write_results(path: str | Path, results: Results) -> None:

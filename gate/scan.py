@@ -2,8 +2,10 @@
 
 A checkpoint is a folder holding either a peft adapter (``adapter_config.json`` plus
 ``adapter_model.safetensors``) or full weights (``config.json`` plus ``model*.safetensors``).
-Hugging Face Trainer folders ``checkpoint-N/`` are recognised at any depth, as is a final
-adapter saved at a run's root. Broken checkpoints are listed as ``invalid`` with the reason
+Hugging Face Trainer folders ``checkpoint-N/`` and torchtune's ``epoch_N/`` are recognised at any
+depth, as is a final adapter saved at a run's root. Folder links are followed (a folder of links
+to checkpoints on shared storage), each real folder once. Which modules an adapter touches is
+read with peft's own rules (`peft_targets`). Broken checkpoints are listed as ``invalid`` with the reason
 and the fix; they are never silently skipped.
 """
 
@@ -20,7 +22,8 @@ from pathlib import Path, PurePosixPath
 from gate.errors import CheckpointError
 from gate.hashing import HashCache, file_fingerprint, sha256_files
 
-CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
+# The Trainer's checkpoint-N and torchtune's epoch_N: the number is the step (torchtune: the epoch).
+CHECKPOINT_DIR = re.compile(r"^(?:checkpoint-|epoch_)(\d+)$")
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_SAFETENSORS = "adapter_model.safetensors"
 ADAPTER_PICKLE = "adapter_model.bin"
@@ -43,6 +46,12 @@ class LoraInfo:
     """``lora_alpha``; the update is scaled by alpha / r."""
     target_modules: list[str] | str | None
     """Module names (or a regex) the adapter attaches to; None lets peft infer them."""
+    target_parameters: list[str] | None = None
+    """Parameters the adapter attaches to (LoRA on MoE expert weights); None: none."""
+    use_dora: bool = False
+    """DoRA: a learned magnitude per output feature on top of the low-rank update."""
+    use_rslora: bool = False
+    """rsLoRA: the update is scaled by alpha / sqrt(r) instead of alpha / r."""
 
 
 @dataclass
@@ -60,7 +69,8 @@ class Checkpoint:
     reason: str | None = None
     """Why it is invalid and how to fix it; None when ok."""
     step: int | None = None
-    """Training step: from ``checkpoint-N``, else trainer_state.json's ``global_step``, else None."""
+    """Training step: from ``checkpoint-N`` (torchtune: the epoch of ``epoch_N``), else
+    trainer_state.json's ``global_step``, else None."""
     base_model: str | None = None
     """The base the adapter names (``base_model_name_or_path``); None for full checkpoints."""
     lora: LoraInfo | None = None
@@ -147,6 +157,7 @@ def scan(
             found.append(ckpt)
     if base is None:
         _check_common_base(found)
+        warnings += _missing_base_paths(found)
     found.sort(key=_sort_key)
     return ScanReport(root=str(root_path), checkpoints=found, warnings=warnings)
 
@@ -171,8 +182,21 @@ def _candidate_folders(root: Path, warnings: list[str]):
     def on_error(err: OSError) -> None:
         warnings.append(f"{err.filename}: cannot be read ({err.strerror}); check its permissions")
 
-    # followlinks=False: a symlink loop cannot make the walk run forever.
-    for dirpath, dirnames, filenames in os.walk(root, onerror=on_error, followlinks=False):
+    # Folder links are followed (checkpoints linked in from shared storage); each real folder,
+    # known by (device, inode), is walked once, so a link loop or a second link to the same
+    # checkpoint cannot repeat it.
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(root, onerror=on_error, followlinks=True):
+        try:
+            st = os.stat(dirpath)
+        except OSError as err:
+            on_error(err)
+            dirnames[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in SKIP_DIRS)
         files = set(filenames)
         is_trainer_dir = CHECKPOINT_DIR.match(Path(dirpath).name) is not None
@@ -202,6 +226,11 @@ def _inspect(
     _read_trainer_state(folder, ckpt, warnings)
     if kind == "lora":
         weights = _validate_lora(folder, files, ckpt, allow_pickle)
+        if _has_full_weights(files):  # torchtune saves both; so do merge-and-save scripts
+            warnings.append(
+                f"{name}: holds both a LoRA adapter and full (merged) weights; the adapter is scored on the "
+                "base, the full weights are not read (move them to their own folder to score them too)"
+            )
     elif "config.json" in files:
         weights = _validate_full(folder, files, ckpt, allow_pickle)
     else:
@@ -254,7 +283,14 @@ def _validate_lora(folder: Path, files: set[str], ckpt: Checkpoint, allow_pickle
         ckpt.invalidate(f"{config_path}: {problem}")
         return []
     ckpt.base_model = config.get("base_model_name_or_path")
-    ckpt.lora = LoraInfo(r=config["r"], alpha=config["lora_alpha"], target_modules=config.get("target_modules"))
+    ckpt.lora = LoraInfo(
+        r=config["r"],
+        alpha=config["lora_alpha"],
+        target_modules=config.get("target_modules"),
+        target_parameters=config.get("target_parameters"),
+        use_dora=bool(config.get("use_dora")),
+        use_rslora=bool(config.get("use_rslora")),
+    )
 
     if ADAPTER_SAFETENSORS in files:
         weights = folder / ADAPTER_SAFETENSORS
@@ -296,6 +332,9 @@ def _lora_config_problem(config: object) -> str | None:
     targets = config.get("target_modules")
     if targets is not None and not isinstance(targets, (str, list)):
         return f"target_modules must be a list of module names or a regex, not {targets!r}"
+    parameters = config.get("target_parameters")
+    if parameters is not None and not isinstance(parameters, list):
+        return f"target_parameters must be a list of parameter names, not {parameters!r}"
     base = config.get("base_model_name_or_path")
     if base is not None and not isinstance(base, str):
         return f"base_model_name_or_path must be a string, not {base!r}"
@@ -307,25 +346,113 @@ def _lora_weights_problem(header: dict, config: dict) -> str | None:
     if not lora_a and not any("lora_" in k for k in header):
         return "holds no LoRA weights (no lora_A/lora_B tensors); it is not a LoRA adapter"
     # rank_pattern / alpha_pattern give some modules other ranks; only check the uniform case.
+    # LoRA on parameters (target_parameters, MoE experts) stacks one rank-r update per expert.
     if not config.get("rank_pattern"):
         for key, meta in lora_a.items():
             shape = meta.get("shape") or []
-            if shape and shape[0] != config["r"]:
+            if shape and shape[0] != config["r"] and not _on_parameters(config, module_path(key)):
                 return (
                     f"tensor {key} has rank {shape[0]} but adapter_config.json says r={config['r']}; "
                     "the config does not belong to these weights"
                 )
-    targets = config.get("target_modules")
-    if isinstance(targets, list) and targets:
-        extra_modules = set(config.get("modules_to_save") or [])
-        for key in lora_a:
-            module = key[: -len(".lora_A.weight")].rsplit(".", 1)[-1]
-            if module not in targets and module not in extra_modules:
-                return (
-                    f"tensor {key} is for module {module!r}, which target_modules {targets} does not "
-                    "name; the config does not belong to these weights"
-                )
+    for key in lora_a:
+        module = module_path(key)
+        if not peft_targets(config, module):
+            return (
+                f"tensor {key} is for module {module!r}, which the adapter config does not target "
+                f"(target_modules {config.get('target_modules')!r}, target_parameters "
+                f"{config.get('target_parameters')!r}, layers_to_transform {config.get('layers_to_transform')!r}); "
+                "the config does not belong to these weights"
+            )
     return None
+
+
+def module_path(key: str) -> str:
+    """The base model's module path a saved LoRA tensor belongs to, as peft names it.
+
+    peft saves ``base_model.model.<module path>.lora_A.weight`` (``lora_A.<adapter>.weight`` in
+    some versions); the path is what its ``target_modules`` rules are matched against.
+    """
+    path = key.removeprefix("base_model.model.")
+    head, sep, _ = path.rpartition(".lora_A")
+    path = head if sep else path
+    while path.endswith(".base_layer"):  # target_parameters nests one wrapper per parameter
+        path = path.removesuffix(".base_layer")
+    return path
+
+
+def _on_parameters(config: dict, module: str) -> bool:
+    """Whether ``module`` holds parameters that ``target_parameters`` names (LoRA on MoE experts)."""
+    for name in config.get("target_parameters") or []:
+        owner = name.rsplit(".", 1)[0] if "." in name else ""
+        if owner and (module == owner or module.endswith(f".{owner}")):
+            return True
+    return False
+
+
+def peft_targets(config: dict, module: str) -> bool:
+    """Whether peft would put a LoRA layer on ``module`` under this adapter_config.json.
+
+    peft's own rules (``check_target_module_exists`` in peft/tuners/tuners_utils.py): a string
+    ``target_modules`` is a regular expression that must match the whole module path; a list
+    names modules by the whole path or by a suffix after a dot (``self_attn.q_proj`` matches
+    ``model.layers.0.self_attn.q_proj``); ``all-linear`` is every linear layer but the output
+    head; ``layers_to_transform`` (lists only) keeps the layers whose first numbered path part
+    (after ``layers_pattern`` when given) is listed; ``exclude_modules`` and ``modules_to_save``
+    are never LoRA targets. ``target_parameters`` puts LoRA on parameters (MoE experts) of the
+    module that holds them.
+    """
+    if _named_by(config.get("exclude_modules"), module):
+        return False
+    for saved in config.get("modules_to_save") or []:
+        if re.match(rf"(^|.*\.){re.escape(saved)}($|\..*)", module):
+            return False
+    if _on_parameters(config, module):
+        return True
+    targets = config.get("target_modules")
+    if targets is None:
+        return not config.get("target_parameters")  # None and no parameters: peft infers the targets
+    if targets == "all-linear":
+        return True
+    if isinstance(targets, str):
+        return _fullmatch(targets, module)
+    if not _named_by(targets, module):
+        return False
+    layers = config.get("layers_to_transform")
+    if layers is None or layers == []:
+        return True
+    index = _layer_index(module, config.get("layers_pattern"))
+    if index is None:
+        return False
+    return index == layers if isinstance(layers, int) else index in layers
+
+
+def _named_by(names, module: str) -> bool:
+    if not names:
+        return False
+    if isinstance(names, str):
+        return _fullmatch(names, module)
+    return module in names or any(module.endswith(f".{name}") for name in names)
+
+
+def _fullmatch(pattern: str, module: str) -> bool:
+    try:
+        return re.fullmatch(pattern, module) is not None
+    except re.error:
+        return False
+
+
+def _layer_index(module: str, patterns) -> int | None:
+    """The layer number peft reads from a module path (the first numbered part, lazily)."""
+    if not patterns:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
+    else:
+        match = None
+        for pattern in [patterns] if isinstance(patterns, str) else patterns:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", module)
+            if match is not None:
+                break
+    return int(match.group("idx")) if match else None
 
 
 def _validate_full(folder: Path, files: set[str], ckpt: Checkpoint, allow_pickle: bool) -> list[Path]:
@@ -433,3 +560,36 @@ def _check_common_base(found: list[Checkpoint]) -> None:
             f"{c.name}: adapter names base {c.base_model!r} but the adapters here name {summary}; "
             "scan each run's folder separately, or pass --base to check them against one model"
         )
+
+
+def looks_like_path(name: str) -> bool:
+    """Whether a base name is a filesystem path (absolute, ~ or ./), not a hub id."""
+    return name.startswith(("/", "~", "./", "../")) or bool(re.match(r"^[A-Za-z]:[\\/]", name))
+
+
+def path_is_missing(name: str) -> bool:
+    """Whether no file or folder is at this path (one that exists but cannot be read is not missing)."""
+    try:
+        os.stat(os.path.expanduser(name))
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def missing_base_message(name: str) -> str:
+    return (
+        f"the adapters name base {name!r}, a path that does not exist on this machine (the machine they "
+        "were trained on?); pass --base with this machine's copy of that model (a folder or a hub id), "
+        "or set `base:` in gate.yaml"
+    )
+
+
+def _missing_base_paths(found: list[Checkpoint]) -> list[str]:
+    named = {c.base_model for c in found if c.ok and c.kind == "lora" and c.base_model}
+    return [
+        missing_base_message(name)
+        for name in sorted(named)
+        if looks_like_path(name) and path_is_missing(name)
+    ]

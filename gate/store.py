@@ -1,8 +1,9 @@
 """The results store: SQLite under the output folder, keyed by content hashes, atomic, resumable.
 
 One row of ``suite_scores`` is one (model, suite) pair scored under one set of scoring settings;
-its key is a hash of the base weights, the checkpoint weights, the suite data, the tokenizer and
-the settings that change numbers. A pair is written in one transaction once fully scored, so a
+its key is a hash of the base weights, the checkpoint weights, the suite data, the tokenizer, the
+settings and the library versions that change numbers (scores computed under other versions are
+never reused nor paired with these). A pair is written in one transaction once fully scored, so a
 run killed at any moment leaves only complete rows, and a re-run computes only missing keys.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import sqlite3
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from gate.errors import RunFailure, StoreError
@@ -89,6 +90,9 @@ class ScoreIdentity:
     """Suite data hash plus the suite options that change numbers."""
     settings: dict
     """Scoring settings that change numbers (dtype, max_length, stride, scoring version)."""
+    versions: dict = field(default_factory=dict)
+    """Versions of the libraries that compute the numbers: torch, transformers and tokenizers
+    always; peft for adapters; lm_eval for lm-eval suites."""
 
     @property
     def key(self) -> str:
@@ -101,6 +105,7 @@ class ScoreIdentity:
             "tokenizer": self.tokenizer_hash,
             "suite": self.suite_identity,
             "settings": self.settings,
+            "versions": self.versions,
         }
 
 
@@ -169,6 +174,28 @@ class ResultsStore:
                 return True
         return False
 
+    def other_versions(self, identity: ScoreIdentity) -> list[dict]:
+        """Library versions of stored scores that match ``identity`` in everything but them.
+
+        A score stored without versions (an older gate) reports ``{}``.
+        """
+        wanted = {k: v for k, v in identity.as_json().items() if k != "versions"}
+        found = []
+        for table in ("suite_scores", "task_scores"):
+            for (text,) in self._conn.execute(
+                f"SELECT identity_json FROM {table} WHERE model_hash=? AND suite_identity=?",
+                (identity.model_hash, identity.suite_identity),
+            ):
+                stored = json.loads(text)
+                versions = stored.pop("versions", {})
+                if stored == wanted and versions != identity.versions:
+                    found.append(versions)
+        return found
+
+    def _versions(self, table: str, key: str) -> dict:
+        row = self._conn.execute(f"SELECT identity_json FROM {table} WHERE key=?", (key,)).fetchone()
+        return json.loads(row[0]).get("versions", {}) if row else {}
+
     def get(self, key: str) -> SuiteScore | None:
         row = self._conn.execute("SELECT suite FROM suite_scores WHERE key=?", (key,)).fetchone()
         if row is None:
@@ -180,7 +207,9 @@ class ResultsStore:
                 (key,),
             )
         ]
-        return SuiteScore.from_documents(row[0], docs)
+        score = SuiteScore.from_documents(row[0], docs)
+        score.libraries = self._versions("suite_scores", key)
+        return score
 
     def put(self, identity: ScoreIdentity, score: SuiteScore, provenance: ScoreProvenance) -> None:
         """Store one complete (model, perplexity suite) score in a single transaction."""
@@ -251,7 +280,7 @@ class ResultsStore:
                 (key,),
             )
         ]
-        return TaskScore(**{**json.loads(row[0]), "items": items})
+        return TaskScore(**{**json.loads(row[0]), "items": items, "libraries": self._versions("task_scores", key)})
 
     _TABLES = (("suite_scores", "document_scores"), ("task_scores", "item_scores"))
 

@@ -160,6 +160,10 @@ def test_items_are_paired_and_recorded(gate_run):
     untrained = next(c for c in results.checkpoints if c.name == "untrained")
     assert untrained.tasks["rolling"].items == results.base.tasks["rolling"].items  # B = 0: exactly the base
     assert results.settings.lm_eval and results.settings.seeds["fewshot_random_seed"] == 1234
+    # lm-eval's version is part of the identity of its suites' scores (and only of theirs).
+    assert base.libraries["lm_eval"] == results.settings.lm_eval and "peft" not in base.libraries
+    assert untrained.tasks["mc"].libraries == {**base.libraries, "peft": results.versions["peft"]}
+    assert "lm_eval" not in untrained.scores["text"].libraries
     info = {s.name: s for s in results.suites}
     assert info["mc"].type == "lm_eval" and info["mc"].num_fewshot == 2 and info["mc"].documents == 16
 

@@ -98,7 +98,7 @@ def test_damaged_checkpoint_is_invalid_and_others_stay_usable(ckpt_copy, file, h
         (lambda c: c.pop("r"), "misses r"),
         (lambda c: c.update(r=8), "has rank 4 but adapter_config.json says r=8"),
         (lambda c: c.update(r=-1), "r must be a positive integer"),
-        (lambda c: c.update(target_modules=["k_proj"]), "which target_modules"),
+        (lambda c: c.update(target_modules=["k_proj"]), "which the adapter config does not target"),
         (lambda c: c.update(peft_type="IA3"), "LORA adapters only"),
     ],
 )
@@ -174,3 +174,53 @@ def test_missing_folder_is_an_error(tmp_path):
 
 def test_empty_folder_has_no_checkpoints(tmp_path):
     assert scan(tmp_path).checkpoints == []
+
+
+def test_folder_of_links_to_checkpoints_on_shared_storage(world, tmp_path):
+    shared = tmp_path / "shared"
+    shutil.copytree(world.checkpoints, shared)
+    links = tmp_path / "links"
+    (links / "run-a").mkdir(parents=True)
+    for step in (2, 4):
+        os.symlink(shared / f"run-a/checkpoint-{step}", links / f"run-a/checkpoint-{step}")
+    os.symlink(shared / "untrained", links / "untrained")
+    os.symlink(shared / "untrained", links / "same-again")  # a second link to one folder: scanned once
+    os.symlink(links, links / "run-a" / "loop")  # a loop: terminates
+    report = scan(links)
+    assert [c.name for c in report.checkpoints] == ["run-a/checkpoint-2", "run-a/checkpoint-4", "same-again"]
+    assert all(c.ok for c in report.checkpoints)
+    assert by_name(report)["run-a/checkpoint-4"].weights_hash == by_name(scan(world.checkpoints))["run-a/checkpoint-4"].weights_hash
+
+
+def test_torchtune_epoch_folders_get_a_step(world, tmp_path):
+    for epoch in (0, 1, 10):
+        shutil.copytree(world.checkpoints / "run-a/checkpoint-4", tmp_path / "tune-run" / f"epoch_{epoch}")
+    report = scan(tmp_path)
+    assert [(c.name, c.step) for c in report.checkpoints] == [
+        ("tune-run/epoch_0", 0),
+        ("tune-run/epoch_1", 1),
+        ("tune-run/epoch_10", 10),
+    ]
+
+
+def test_adapter_beside_merged_full_weights_scores_the_adapter_and_says_so(world, tmp_path):
+    """torchtune saves both into epoch_N/: the adapter and the merged model."""
+    folder = tmp_path / "tune-run" / "epoch_0"
+    shutil.copytree(world.checkpoints / "run-a/checkpoint-4", folder)
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(world.base / f, folder / f)
+    report = scan(tmp_path)
+    (c,) = report.checkpoints
+    assert (c.kind, c.ok, c.weight_files) == ("lora", True, ["adapter_model.safetensors"])
+    assert any("tune-run/epoch_0: holds both a LoRA adapter and full (merged) weights; the adapter is scored" in w for w in report.warnings)
+
+
+def test_base_named_by_a_path_on_the_training_machine(world, ckpt_copy):
+    for path in ckpt_copy.rglob("adapter_config.json"):
+        config = json.loads(path.read_text())
+        config["base_model_name_or_path"] = "/home/trainer/models/base-7b"
+        path.write_text(json.dumps(config))
+    report = scan(ckpt_copy)
+    assert all(c.ok for c in report.checkpoints)  # the weights are fine; only the base must be found
+    assert any("'/home/trainer/models/base-7b', a path that does not exist on this machine" in w and "--base" in w for w in report.warnings)
+    assert not any("base-7b" in w for w in scan(ckpt_copy, base=str(world.base)).warnings)

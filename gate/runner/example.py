@@ -77,12 +77,16 @@ def build_base(
     context: int = 128,
     pretrain_steps: int = 0,
     corpus: list[str] | None = None,
+    tokenizer=None,
 ) -> Path:
-    """Save a tiny Llama-style model + tokenizer to ``out_dir``; optionally pre-train it briefly."""
+    """Save a tiny Llama-style model + tokenizer to ``out_dir``; optionally pre-train it briefly.
+
+    ``tokenizer``: use this one instead of training one on ``corpus``.
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
 
     corpus = corpus or toy_sentences(400, seed) + arithmetic_lines(200, seed)
-    tokenizer = build_tokenizer(corpus)
+    tokenizer = tokenizer or build_tokenizer(corpus)
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -195,3 +199,65 @@ def save_untrained_adapter(base_dir: Path, out_dir: Path, *, r: int = 4, seed: i
     )
     peft_model.save_pretrained(out_dir)
     return out_dir
+
+
+def save_adapter(base_dir: Path, out_dir: Path, *, seed: int = 0, r: int = 4, resize_vocab: int = 0, **lora_options) -> Path:
+    """A LoRA adapter with random (non-zero) A and B, saved by peft exactly as a trainer saves one.
+
+    ``lora_options`` go to peft's LoraConfig (target_modules, target_parameters, use_dora, ...).
+    ``resize_vocab``: grow the embeddings by this many rows first (tokens added for fine-tuning).
+    """
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    if resize_vocab:
+        model.resize_token_embeddings(model.config.vocab_size + resize_vocab)
+    options = {"lora_alpha": 2 * r, "init_lora_weights": False, "task_type": "CAUSAL_LM", **lora_options}
+    peft_model = get_peft_model(model, LoraConfig(r=r, **options))
+    with torch.no_grad():  # DoRA starts as the identity; move its magnitudes so that they matter
+        for name, param in peft_model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                param.mul_(1 + 0.1 * torch.randn_like(param))
+            elif "modules_to_save" in name:
+                param.add_(0.01 * torch.randn_like(param))
+    peft_model.save_pretrained(out_dir)
+    return out_dir
+
+
+def build_moe_base(out_dir: Path, *, seed: int = 0, context: int = 128, pretrain_steps: int = 0) -> Path:
+    """A tiny Qwen3-MoE-style model (4 experts, 2 per token) + tokenizer, saved like build_base's.
+
+    transformers 5 holds each layer's experts as fused 3-D parameters (``mlp.experts.gate_up_proj``,
+    ``mlp.experts.down_proj``) and converts the per-expert tensors of the saved file at load time.
+    """
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    corpus = toy_sentences(400, seed) + arithmetic_lines(200, seed)
+    tokenizer = build_tokenizer(corpus)
+    torch.manual_seed(seed)
+    config = Qwen3MoeConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=context,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    model = Qwen3MoeForCausalLM(config)
+    if pretrain_steps:
+        _pretrain(model, tokenizer, toy_sentences(2000, seed + 1), pretrain_steps, seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir.resolve()

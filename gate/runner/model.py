@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from gate.errors import BaseModelError, CheckpointError, ConfigError, RunFailure
+from gate.errors import BaseModelError, CheckpointError, ConfigError, GateError, RunFailure
 from gate.scan import ADAPTER_SAFETENSORS, FULL_PICKLE, FULL_SAFETENSORS, PICKLE_FIX, Checkpoint
 
 TOKENIZER_FILES = (
@@ -134,22 +134,122 @@ def choose_dtype(requested: str, device: torch.device) -> torch.dtype:
 def load_tokenizer(folder: Path, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
+    tokenizer_config = read_tokenizer_config(folder)
     try:
+        if _saved_by_v5(tokenizer_config) and _installed_major("transformers") < 5:
+            return _tokenizer_from_json(folder, tokenizer_config)
         return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except GateError:
+        raise
     except Exception as err:  # noqa: BLE001 - surfaced as a message naming the folder
         hint = _remote_code_hint(err)
         raise BaseModelError(f"{folder}: the tokenizer cannot be loaded{hint} ({type(err).__name__}: {err})") from None
 
 
+def _saved_by_v5(tokenizer_config: dict) -> bool:
+    """Whether transformers 5 wrote this tokenizer_config.json (its backend class, or its list of extra tokens)."""
+    return (
+        tokenizer_config.get("tokenizer_class") == "TokenizersBackend"
+        or "backend" in tokenizer_config
+        or isinstance(tokenizer_config.get("extra_special_tokens"), list)
+    )
+
+
+_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def _tokenizer_from_json(folder: Path, tokenizer_config: dict):
+    """transformers 4.x reading a tokenizer that transformers 5 saved: from its tokenizer.json.
+
+    4.x knows neither the ``TokenizersBackend`` class nor a list of ``extra_special_tokens``; the
+    tokenizer itself (vocabulary, merges, normalizer, BOS/EOS post-processing, added tokens) is all
+    in tokenizer.json, which both lines read with the same ``tokenizers`` library. The special-token
+    roles, the length limit and the chat template come from the files beside it.
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    if not (folder / "tokenizer.json").is_file():
+        raise BaseModelError(
+            f"{folder}: the tokenizer was saved by transformers 5 without a tokenizer.json, which transformers "
+            f"{_installed('transformers')} cannot read: pip install -U 'transformers>=5'"
+        )
+    kwargs = {}
+    for key in _SPECIAL_TOKENS:
+        value = tokenizer_config.get(key)
+        value = value.get("content") if isinstance(value, dict) else value
+        if isinstance(value, str):
+            kwargs[key] = value
+    for key in ("model_max_length", "padding_side", "truncation_side", "clean_up_tokenization_spaces"):
+        if key in tokenizer_config:
+            kwargs[key] = tokenizer_config[key]
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), **kwargs)
+    extra = tokenizer_config.get("extra_special_tokens") or tokenizer_config.get("additional_special_tokens") or []
+    extra = list(extra.values()) if isinstance(extra, dict) else extra
+    extra = [t.get("content") if isinstance(t, dict) else t for t in extra]
+    if extra:
+        tokenizer.add_special_tokens({"additional_special_tokens": [t for t in extra if isinstance(t, str)]})
+    template = folder / "chat_template.jinja"
+    if template.is_file():
+        tokenizer.chat_template = template.read_text(encoding="utf-8")
+    elif isinstance(tokenizer_config.get("chat_template"), str):
+        tokenizer.chat_template = tokenizer_config["chat_template"]
+    return tokenizer
+
+
+def _installed(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
+
+
+def _installed_major(package: str) -> int:
+    from packaging.version import Version
+
+    return Version(_installed(package)).major
+
+
+def check_saved_by(folder: Path, config: dict, error=BaseModelError) -> None:
+    """Refuse a model that a newer transformers line saved than the one installed.
+
+    An older transformers can read such a config differently without any warning (4.57 ignores
+    the ``rope_parameters`` that 5.x writes and falls back to its default RoPE base: a different
+    model), or not know its architecture. Patch releases of one line share a format, so the
+    line (major.minor) is compared.
+    """
+    from packaging.version import InvalidVersion, Version
+
+    saved = config.get("transformers_version")
+    if not isinstance(saved, str):
+        return
+    try:
+        saved_line, installed_line = Version(saved).release[:2], Version(_installed("transformers")).release[:2]
+    except InvalidVersion:
+        return
+    if saved_line > installed_line:
+        need = ".".join(str(n) for n in saved_line)
+        raise error(
+            f"{folder / 'config.json'}: saved by transformers {saved}, newer than the installed "
+            f"{_installed('transformers')}, which may read it as another model (RoPE settings, architecture): "
+            f"pip install -U 'transformers>={need}'"
+        )
+
+
 def _remote_code_hint(err: Exception) -> str:
     if "trust_remote_code" in str(err):
         return ": it ships its own code, which gate runs only with --trust-remote-code (pass it if you trust that code)"
+    if "does not recognize this architecture" in str(err) or "model type" in str(err):
+        return (
+            f": its architecture is unknown to transformers {_installed('transformers')}; a newer transformers may "
+            "know it: pip install -U transformers"
+        )
     return ""
 
 
 def load_model(folder: Path, device: torch.device, dtype: torch.dtype, trust_remote_code: bool, error=BaseModelError):
     from transformers import AutoModelForCausalLM
 
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8")) if (folder / "config.json").is_file() else {}
+    check_saved_by(folder, config, error)
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
     except Exception as err:  # noqa: BLE001 - surfaced as a message naming the folder
@@ -165,47 +265,121 @@ def free_memory() -> None:
 
 
 class AdapterSlot:
-    """Holds at most one adapter on the loaded base: memory stays at base + one adapter."""
+    """Holds at most one adapter on the loaded base: memory stays at base + one adapter.
+
+    Each adapter is injected into the base and removed again with peft's ``unload()``, which
+    puts back every module peft replaced (LoRA layers, DoRA, ``modules_to_save`` copies, LoRA on
+    parameters). Deleting an adapter from a kept wrapper is not enough: a ``modules_to_save``
+    wrapper left behind breaks the next adapter, and adapters with other ``target_parameters``
+    cannot share one wrapper. ``unload()`` alone is not enough either (it keeps the adapter's
+    ``modules_to_save`` copy), so the adapter is deleted first.
+    """
 
     def __init__(self, base_model):
         self.base_model = base_model
-        self.model = None  # the PeftModel, created on the first attach
+        self.model = None  # the PeftModel while an adapter is attached
         self.active: str | None = None
-        self._count = 0
 
     def attach(self, ckpt: Checkpoint):
         """Load the checkpoint's adapter and make it the active one; returns the model to score."""
         from peft import PeftConfig, PeftModel
 
-        name = f"gate_{self._count}"
-        self._count += 1
+        self.detach()
+        check_peft_config(ckpt)
         try:
-            if self.model is None:
-                config = PeftConfig.from_pretrained(ckpt.path)
-                config.inference_mode = True
-                # Keep the wrapper as soon as the layers are injected: if loading the weights then
-                # fails, the injected adapter must be deleted, not left in the base for the next one.
-                self.model = PeftModel(self.base_model, config, adapter_name=name)
-            self.model.load_adapter(ckpt.path, adapter_name=name, is_trainable=False)
-            self.model.set_adapter(name)
+            config = PeftConfig.from_pretrained(ckpt.path)
+            config.inference_mode = True
+            # Keep the wrapper as soon as the layers are injected: if loading the weights then
+            # fails, the injected layers must be removed, not left in the base for the next one.
+            self.model = PeftModel(self.base_model, config, adapter_name="gate")
+            loaded = self.model.load_adapter(ckpt.path, adapter_name="gate", is_trainable=False)
+            self.model.set_adapter("gate")
+            _check_all_loaded(loaded)
         except Exception as err:  # noqa: BLE001 - every load failure is this checkpoint's problem
-            self._forget(name)
-            raise CheckpointError(f"{ckpt.name}: the adapter does not fit the base: {_load_reason(err)}") from None
-        self.active = name
+            self.detach()
+            reason = _load_reason(err)
+            if ckpt.lora is not None and ckpt.lora.target_parameters and _installed_major("transformers") < 5:
+                reason += (
+                    f"; it puts LoRA on parameters ({', '.join(sorted(ckpt.lora.target_parameters))}), as on the fused "
+                    f"MoE experts of transformers 5, which transformers {_installed('transformers')} does not have: "
+                    "pip install -U 'transformers>=5'"
+                )
+            elif isinstance(err, _PartialLoad) and "no place" in reason:
+                reason += "; pass --base with the model it was trained from"
+            raise CheckpointError(f"{ckpt.name}: the adapter does not fit the base: {reason}") from None
+        self.active = ckpt.name
         self.model.eval()
         return self.model
 
     def detach(self) -> None:
-        if self.active is not None:
-            self._forget(self.active)
-            self.active = None
+        if self.model is not None:
+            # Delete first: unload() alone would leave the adapter's trained copy of a
+            # modules_to_save module in the base (peft returns the active copy on unload).
+            if "gate" in self.model.peft_config:
+                self.model.delete_adapter("gate")
+            self.model.unload()  # the base's own modules back in place
+            self.model = None
+        self.active = None
 
-    def _forget(self, name: str) -> None:
-        if self.model is not None and name in self.model.peft_config:
-            self.model.delete_adapter(name)
+
+# Keys newer peft versions write with these values whatever the adapter (metadata, defaults of
+# options that change nothing when off); an older peft that lacks them loads the same adapter.
+_INERT_KEYS = {"megatron_core": "megatron.core", "qalora_group_size": 16, "init_lora_weights": True}
+
+
+def check_peft_config(ckpt: Checkpoint) -> None:
+    """Refuse an adapter whose config sets options the installed peft does not know.
+
+    peft itself drops unknown keys with a warning and loads the rest: an adapter trained with a
+    newer feature would be scored as a different adapter.
+    """
+    import dataclasses
+
+    from peft import LoraConfig
+
+    try:
+        config = json.loads((Path(ckpt.path) / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # the scanner read it; a file changed since then fails at load with its own message
+    known = {f.name for f in dataclasses.fields(LoraConfig)}
+    unknown = sorted(
+        k
+        for k, v in config.items()
+        if k not in known and k != "peft_version" and v not in (None, False, [], {}, "") and not (k in _INERT_KEYS and _INERT_KEYS[k] == v)
+    )
+    if not unknown:
+        return
+    saved = str(config.get("peft_version") or "").split("@")[0]
+    fix = f"pip install -U 'peft>={saved}'" if saved else "pip install -U peft"
+    raise CheckpointError(
+        f"{ckpt.name}: adapter_config.json sets {', '.join(unknown)}, which peft {_installed('peft')} does not know "
+        f"(the adapter was saved by peft {saved or 'a newer version'}); peft would ignore them and score another "
+        f"adapter: {fix}"
+    )
+
+
+class _PartialLoad(Exception):
+    """peft loaded an adapter only in part (it warns and goes on; gate would score another adapter)."""
+
+
+def _check_all_loaded(loaded) -> None:
+    unexpected = list(getattr(loaded, "unexpected_keys", None) or [])
+    missing = list(getattr(loaded, "missing_keys", None) or [])
+    if unexpected:
+        raise _PartialLoad(
+            f"{len(unexpected)} of its tensors have no place in this base and would be ignored "
+            f"(first: {unexpected[0]})"
+        )
+    if missing:
+        raise _PartialLoad(
+            f"its config targets modules whose weights it lacks ({len(missing)}, first: {missing[0]}); "
+            "re-save the adapter with peft's save_pretrained()"
+        )
 
 
 def _load_reason(err: Exception) -> str:
+    if isinstance(err, _PartialLoad):
+        return str(err)
     text = str(err)
     if "size mismatch" in text:
         first = next((line.strip() for line in text.splitlines() if "size mismatch" in line), text)
@@ -256,11 +430,18 @@ def check_versions() -> None:
             raise RunFailure(f"{package} {found} is too old; gate needs >= {minimum}: pip install '{package}>={minimum}'")
 
 
+def score_versions() -> dict[str, str]:
+    """Versions of the libraries that compute a score's numbers (part of every store key)."""
+    from importlib.metadata import version
+
+    return {p: version(p) for p in ("torch", "transformers", "tokenizers", "peft")}
+
+
 def library_versions() -> dict[str, str]:
     import platform
     from importlib.metadata import version
 
     return {
         "python": platform.python_version(),
-        **{p: version(p) for p in ("torch", "transformers", "peft")},
+        **{p: version(p) for p in ("torch", "transformers", "tokenizers", "peft")},
     }

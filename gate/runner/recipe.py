@@ -82,6 +82,9 @@ class RunOutcome:
     """(message, exit code) for each checkpoint that is invalid or failed."""
     base_loads: int = 0
     """How many times the base model was loaded (0 when everything was in the store)."""
+    rescoring: str | None = None
+    """Why scores stored by an earlier run are computed again under this run's library versions
+    (one line for the user), or None when none are."""
 
     @property
     def exit_code(self) -> int:
@@ -96,6 +99,7 @@ def run(request: RunRequest, progress: ProgressFn = no_progress) -> RunOutcome:
         progress(ProgressEvent("stage", message=f"resolving base {request.base}"))
         base_dir = models.resolve_base(request.base, request.online)
         base_config = models.read_model_config(base_dir)
+        models.check_saved_by(base_dir, base_config)
         base_hash = sha256_files(models.weight_files(base_dir, request.allow_pickle), base_dir, store.hash_cache)
         tokenizer_hash = sha256_files(models.tokenizer_files(base_dir), base_dir, store.hash_cache)
         # Loaded on first use: a run with every score stored never imports the tokenizer stack.
@@ -119,7 +123,7 @@ def run(request: RunRequest, progress: ProgressFn = no_progress) -> RunOutcome:
             lm_eval=harness.lm_eval_version() if tasks else None,
             seeds=dict(harness.SEEDS) if tasks else {},
         )
-        plans = _plan(request, tasks, base_hash, tokenizer_hash, settings, store)
+        plans = _plan(request, tasks, base_hash, tokenizer_hash, settings, store, request.versions or models.score_versions())
         outcome = RunOutcome(results_path=request.out_dir / RESULTS_NAME)
         for plan in plans[1:]:
             if plan.result.status == "invalid":
@@ -130,6 +134,7 @@ def run(request: RunRequest, progress: ProgressFn = no_progress) -> RunOutcome:
                 plan.result.status, plan.result.reason, plan.result.error_code = "error", reason, code
                 outcome.problems.append((reason, code))
         todo = {(p.name, s) for p in plans for s, ident in p.identities.items() if not store.has(ident.key)}
+        outcome.rescoring = _rescoring(plans, todo, store)
         perplexity_suites = [s.name for s in request.suites]
         task_suites = [t.spec.name for t in tasks]
         base_plan, checkpoints = plans[0], [p for p in plans[1:] if p.result.status == "ok"]
@@ -240,7 +245,9 @@ class _LoadedBase:
             models.free_memory()
 
 
-def _plan(request, tasks, base_hash, tokenizer_hash, settings: RunSettings, store: ResultsStore) -> list[ModelPlan]:
+def _plan(
+    request, tasks, base_hash, tokenizer_hash, settings: RunSettings, store: ResultsStore, versions: dict[str, str]
+) -> list[ModelPlan]:
     key_settings = {
         "dtype": settings.dtype,
         "max_length": settings.max_length,
@@ -249,6 +256,7 @@ def _plan(request, tasks, base_hash, tokenizer_hash, settings: RunSettings, stor
     }
     suite_identities = {s.name: s.identity for s in request.suites}
     suite_identities.update({t.spec.name: t.identity for t in tasks})
+    task_names = {t.spec.name for t in tasks}
     base = ModelPlan(
         result=ModelResult(name="base", kind="base", path=request.base, weights_hash=base_hash), checkpoint=None
     )
@@ -275,6 +283,9 @@ def _plan(request, tasks, base_hash, tokenizer_hash, settings: RunSettings, stor
         if is_full and plan.checkpoint.has_tokenizer:
             folder = Path(plan.checkpoint.path)
             tok_hash = sha256_files(models.tokenizer_files(folder), folder, store.hash_cache)
+        # peft computes only adapters' numbers, lm-eval only its suites': a version of either
+        # changes (and rescores) only those.
+        model_versions = {k: v for k, v in versions.items() if k != "peft" or plan.result.kind == "lora"}
         for name, identity in suite_identities.items():
             plan.identities[name] = ScoreIdentity(
                 base_hash=None if is_full else base_hash,
@@ -282,8 +293,34 @@ def _plan(request, tasks, base_hash, tokenizer_hash, settings: RunSettings, stor
                 tokenizer_hash=tok_hash,
                 suite_identity=identity,
                 settings=key_settings,
+                versions={**model_versions, **({"lm_eval": settings.lm_eval} if name in task_names else {})},
             )
     return plans
+
+
+def _rescoring(plans: list[ModelPlan], todo: set, store: ResultsStore) -> str | None:
+    """One line saying which stored scores are computed again because library versions changed."""
+    changes: dict[str, set[str]] = {}
+    count = 0
+    for plan in plans:
+        for suite, identity in plan.identities.items():
+            if (plan.name, suite) not in todo:
+                continue
+            stored = store.other_versions(identity)
+            if not stored:
+                continue
+            count += 1
+            for old in stored:
+                for package, new in identity.versions.items():
+                    if old.get(package) != new:
+                        changes.setdefault(package, set()).add(f"{old.get(package, 'unrecorded')} -> {new}")
+    if not count:
+        return None
+    what = ", ".join(f"{package} {' / '.join(sorted(c))}" for package, c in sorted(changes.items()))
+    return (
+        f"rescoring {count} model x suite score(s) stored under other library versions ({what}): "
+        "scores computed under other versions are never compared"
+    )
 
 
 def _funnel(request: RunRequest, checkpoints: list[ModelPlan], task_suites, store, scorer: _Scorer) -> set[str]:
