@@ -288,15 +288,18 @@ def _check(policy: Policy, gate: Gate, lower_better: bool, ref: Reference, ckpt:
         check.outcome, check.reason = "error", str(err)
         return check, None
     check.n = len(data.ids)
-    units = data.units
-    check.units = units
+    check.units = data.units
+    if ref.label != "base" and _same_model(ref.model, ckpt):
+        # Not a statistical question: the reference is this very checkpoint.
+        check.outcome, check.p_value, check.p_fail = "pass", 0.0, 1.0
+        check.reason = f"the same weights as {ref.label}: nothing changed"
+        return check, None
     binary = data.transform == "binary" and data.clusters is None
     minimum = gate.min_items or (MIN_ITEMS_BINARY if binary else MIN_ITEMS_BOOTSTRAP)
-    what = "clusters" if data.clusters is not None else "items"
-    if units < minimum:
-        check.outcome = "inconclusive"
-        check.reason = f"too small: {units} {what}, at least {minimum} needed for this check; add {what} (or lower the gate's min_items)"
-        return check, None
+    if data.units < minimum:
+        # Too few items to certify anything; a regression can still be clear enough to fail.
+        what = "clusters" if data.clusters is not None else "items"
+        check.too_small = f"too small: {data.units} {what}, at least {minimum} needed for this check; add {what} (or lower the gate's min_items)"
     try:
         test = _test(gate, data, rng, iterations)
     except ValueError:
@@ -313,7 +316,15 @@ def _check(policy: Policy, gate: Gate, lower_better: bool, ref: Reference, ckpt:
     wants_below = lower_better if gate.kind != "floor" else gate.bound == "max"
     check.p_value = test.p_below(t) if wants_below else test.p_above(t)
     check.p_fail = test.p_above(t) if wants_below else test.p_below(t)
+    if check.too_small:
+        check.p_value = 1.0
     return check, test
+
+
+def _same_model(reference: ModelResult, ckpt: ModelResult) -> bool:
+    if reference.weights_hash and ckpt.weights_hash:
+        return reference.weights_hash == ckpt.weights_hash
+    return reference.name == ckpt.name
 
 
 def _plan(c: Check, estimate, family_level: float) -> None:
@@ -483,6 +494,9 @@ def _decide(policy: Policy, verdicts: list[CheckpointVerdict], tests: dict, fami
             c.mcnemar_p, c.n, c.method = estimate.mcnemar_p, estimate.n, estimate.method
             c.degenerate = estimate.degenerate
             _plan(c, estimate, family_level)
+            if c.too_small and not (c.p_fail is not None and c.p_fail <= c.level and not estimate.degenerate):
+                c.outcome, c.reason = "inconclusive", c.too_small
+                continue
             if estimate.degenerate:
                 c.outcome = "inconclusive"
                 c.reason = (

@@ -62,6 +62,8 @@ class Check:
     """Chance this check passes at the family's level, under the same assumption (normal approximation)."""
     underpowered: bool = False
     """The suite has fewer items than ``items_needed``: too small to tell."""
+    too_small: str = ""
+    """Set when the suite has fewer items than the check's minimum: it cannot pass (it may still fail)."""
     degenerate: bool = False
     """Every item changed by the same amount: the bootstrap has no spread, nothing is certified."""
     n: int = 0

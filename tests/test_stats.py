@@ -22,6 +22,7 @@ from gate.stats import (
     minimum_detectable_effect,
     power_at,
     score_statistic,
+    tango_statistic,
 )
 
 Z95, Z80 = 1.6448536269514722, 0.8416212335729143
@@ -75,6 +76,10 @@ def test_score_statistic_reproduces_tango_closed_form():
         up, _ = score_statistic(cells, [-t, -1 - t, 1 - t, -t], correction=0.0)
         expected = tango_z(cells[2], cells[1], n, t)
         assert up == pytest.approx(expected, rel=1e-7, abs=1e-7)
+        closed, _ = tango_statistic(cells, t, correction=0.0)  # the closed form gate uses for absolute margins
+        assert closed == pytest.approx(expected, rel=1e-9, abs=1e-9)
+    zero = np.array([150.0, 0.0, 0.0, 50.0])  # no discordant item: the restricted MLE sits on the boundary
+    assert score_statistic(zero, [0.05, -0.95, 1.05, 0.05])[0] == pytest.approx(tango_statistic(zero, -0.05)[0])
 
 
 def test_no_discordant_item_never_gives_p_zero():
