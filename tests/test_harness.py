@@ -265,3 +265,41 @@ def test_task_identity_does_not_depend_on_the_output_folder(world, tasks, tmp_pa
     spec = SuiteSpec(name="mc", type="lm_eval", task=str(tasks / "mc.yaml"), num_fewshot=2)
     first, second = (prepare_task(spec, tmp_path / out) for out in ("a", "b"))
     assert first.identity == second.identity
+
+
+LAMBADA_YAML = """\
+task: tiny_lambada
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: data/rolling.jsonl
+test_split: test
+output_type: loglikelihood
+doc_to_text: "{{text.split(' ')[:-1] | join(' ')}}"
+doc_to_target: "{{' ' + text.split(' ')[-1]}}"
+metric_list:
+  - metric: perplexity
+    aggregation: perplexity
+    higher_is_better: false
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+
+
+def test_metric_directions_and_aggregations_come_from_the_task(gate_run, tasks, tmp_path):
+    """lm-eval's higher_is_better and aggregation are recorded with the scores (the policy reads them)."""
+    from gate.config import SuiteSpec
+    from gate.runner.harness import prepare_task
+
+    outcome, _, _ = gate_run
+    mc, rolling = outcome.results.base.tasks["mc"], outcome.results.base.tasks["rolling"]
+    assert mc.higher_is_better == {"acc": True, "acc_norm": True} and mc.aggregation == {"acc": "mean", "acc_norm": "mean"}
+    assert rolling.higher_is_better == {"word_perplexity": False, "byte_perplexity": False, "bits_per_byte": False}
+    assert rolling.aggregation["word_perplexity"] == "weighted_perplexity"
+    (tasks / "lambada.yaml").write_text(LAMBADA_YAML)
+    lambada = prepare_task(SuiteSpec(name="lam", type="lm_eval", task=str(tasks / "lambada.yaml")), tmp_path)
+    assert lambada.higher_is_better == {"perplexity": False, "acc": True}
+    assert lambada.aggregation == {"perplexity": "perplexity", "acc": "mean"}

@@ -53,6 +53,10 @@ class PreparedTask:
     """Task versions as lm-eval reports them."""
     metrics: list[str] = field(default_factory=list)
     """Metric keys the task produces (``metric`` or ``metric,filter``)."""
+    higher_is_better: dict[str, bool] = field(default_factory=dict)
+    """The task's own direction of each metric (lm-eval's ``higher_is_better``)."""
+    aggregation: dict[str, str] = field(default_factory=dict)
+    """The task's aggregation of each metric, by name (``mean``, ``perplexity``, ``weighted_perplexity``...)."""
 
     @property
     def metric(self) -> str:
@@ -139,7 +143,19 @@ def prepare_task(spec: SuiteSpec, work_dir: Path) -> PreparedTask:
         n_documents=n_documents,
         versions={name: task.VERSION for name, task in leaves.items()},
         metrics=metrics,
+        **_semantics(leaves),
     )
+
+
+def _semantics(leaves: dict) -> dict:
+    """Each metric's direction and aggregation as the tasks declare them (the first leaf that names it)."""
+    higher, aggregation = {}, {}
+    for _, task in sorted(leaves.items()):
+        for metric, flag in (task.higher_is_better() or {}).items():
+            higher.setdefault(metric, bool(flag))
+        for metric, function in (task.aggregation() or {}).items():
+            aggregation.setdefault(metric, getattr(function, "__name__", str(function)))
+    return {"higher_is_better": higher, "aggregation": aggregation}
 
 
 def evaluate(model, tokenizer, prepared: PreparedTask, *, batch_size: int, device, max_length: int) -> TaskScore:
@@ -204,6 +220,8 @@ def task_score(suite: str, prepared: PreparedTask, out: dict) -> TaskScore:
         num_fewshot=out.get("n-shot", {}).get(headline, prepared.spec.num_fewshot),
         limit=prepared.spec.limit,
         versions={k: v for k, v in out.get("versions", {}).items()},
+        higher_is_better=dict(prepared.higher_is_better),
+        aggregation=dict(prepared.aggregation),
     )
 
 

@@ -457,6 +457,7 @@ class _Scorer:
 
 
 def _assemble(request, plans: list[ModelPlan], tasks, settings, store: ResultsStore, outcome: RunOutcome) -> Results:
+    semantics = {t.spec.name: t for t in tasks}
     for plan in plans:
         if plan.result.status != "ok":
             continue
@@ -468,6 +469,11 @@ def _assemble(request, plans: list[ModelPlan], tasks, settings, store: ResultsSt
                 plan.result.scores[suite] = score
             task_score = store.get_task(identity.key)
             if task_score is not None:
+                # Scores stored before gate recorded metric semantics get them from the task itself.
+                prepared = semantics.get(suite)
+                if prepared is not None:
+                    task_score.higher_is_better = task_score.higher_is_better or dict(prepared.higher_is_better)
+                    task_score.aggregation = task_score.aggregation or dict(prepared.aggregation)
                 plan.result.tasks[suite] = task_score
     _check_pairing(plans, outcome)
     suites = [
