@@ -233,8 +233,11 @@ def _direction_of(policy: Policy, results: Results, suite: str, metric: str, gat
         return True
     for model in (results.base, *results.checkpoints):
         task = model.tasks.get(suite)
-        if task is not None and metric in task.higher_is_better:
-            return not task.higher_is_better[metric]
+        name = metric.split(",")[0]  # "exact_match,strict-match": lm-eval keys directions by metric
+        if task is not None and name in task.higher_is_better:
+            return not task.higher_is_better[name]
+        if task is not None and info is not None and name == "perplexity":
+            return None  # lm-eval's per-item `perplexity` is a log-likelihood: only the task can say how it aggregates
     return known_direction(metric)
 
 
