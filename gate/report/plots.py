@@ -83,6 +83,8 @@ def _metric_plot(plt, view: ReportView, column):
 
 
 def _value_bounds(check) -> tuple[float, float]:
+    if check.low is None or check.high is None:
+        return check.value, check.value  # no interval (a degenerate sample): no band
     if check.kind == "floor":
         return check.low, check.high
     if check.relative:
