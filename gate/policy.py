@@ -339,7 +339,7 @@ def _plan(c: Check, estimate, family_level: float) -> None:
     where = 0.0 if c.kind == "guardrail" else estimate.effect
     distance = (t - where) if wants_below else (where - t)
     c.items_needed = items_needed(estimate.dispersion, distance, family_level)
-    c.power = power_at(distance, estimate.se, family_level)
+    c.power = 0.0 if (c.too_small or estimate.degenerate) else power_at(distance, estimate.se, family_level)
     c.underpowered = c.items_needed is not None and c.items_needed > c.units
 
 

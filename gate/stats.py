@@ -396,7 +396,8 @@ class PairedBootstrap:
         student = float(sps.t.isf(level, self.units - 1))
         low = self.theta - self.se * max(self.t_stats[len(self.t_stats) - 1 - allowed], student)
         high = self.theta - self.se * min(self.t_stats[allowed], -student)
-        return self._effect_of(low), self._effect_of(high)
+        # Replicates with no spread give T* = +-inf: that side then has no finite bound.
+        return tuple(self._effect_of(b) if math.isfinite(b) and abs(b) < 700 else None for b in (low, high))
 
     def estimate(self, level: float, threshold: float = 0.0) -> Estimate:
         low, high = self._bounds(level)
