@@ -166,7 +166,7 @@ def evaluate(policy: Policy, results: Results, rng: np.random.Generator, release
     summary["bootstrap_iterations"] = replicates(policy, family)
     verdicts, tests = [], {}
     for ckpt in results.checkpoints:
-        verdict, found = _checkpoint(policy, refs, ckpt, rng, part, lower, family)
+        verdict, found = _checkpoint(policy, refs, ckpt, rng, part, lower, family, results.base)
         verdicts.append(verdict)
         tests.update(found)
     _decide(policy, [v for v, c in zip(verdicts, results.checkpoints) if c.status == "ok"], tests, family)
@@ -181,7 +181,7 @@ def evaluate(policy: Policy, results: Results, rng: np.random.Generator, release
     best, best_result = ranked[0]
     if policy.confirm:
         # Only the chosen checkpoint is tested on the held-out items: a family of one, at alpha.
-        certified, found = _checkpoint(policy, refs, best_result, rng, "certify", lower, 1)
+        certified, found = _checkpoint(policy, refs, best_result, rng, "certify", lower, 1, results.base)
         _decide(policy, [certified], found, 1)
         _conclude(certified)
         best.selection, best.checks = best.checks, certified.checks
@@ -241,7 +241,7 @@ def _direction_of(policy: Policy, results: Results, suite: str, metric: str, gat
     return known_direction(metric)
 
 
-def _checkpoint(policy, refs, ckpt: ModelResult, rng, part, lower: list[bool], family: int):
+def _checkpoint(policy, refs, ckpt: ModelResult, rng, part, lower: list[bool], family: int, groups: ModelResult | None = None):
     """One checkpoint's checks, undecided, and the tests behind them (by id of the check)."""
     verdict = CheckpointVerdict(name=ckpt.name, step=ckpt.step, verdict="", reason="")
     tests = {}
@@ -253,14 +253,14 @@ def _checkpoint(policy, refs, ckpt: ModelResult, rng, part, lower: list[bool], f
         for gate, lower_better in zip(policy.gates, lower):
             if gate.kind == "floor" and ref.label != "base":
                 continue  # a floor is about the checkpoint alone: checked once
-            check, test = _check(policy, gate, lower_better, ref, ckpt, rng, part, iterations)
+            check, test = _check(policy, gate, lower_better, ref, ckpt, rng, part, iterations, groups)
             verdict.checks.append(check)
             if test is not None:
                 tests[id(check)] = test
     return verdict, tests
 
 
-def _check(policy: Policy, gate: Gate, lower_better: bool, ref: Reference, ckpt: ModelResult, rng, part, iterations: int):
+def _check(policy: Policy, gate: Gate, lower_better: bool, ref: Reference, ckpt: ModelResult, rng, part, iterations: int, groups=None):
     check = Check(
         suite=gate.suite,
         metric=gate.metric,
@@ -282,7 +282,7 @@ def _check(policy: Policy, gate: Gate, lower_better: bool, ref: Reference, ckpt:
         check.outcome, check.reason = "skipped", f"not run on this checkpoint ({ckpt.skipped[gate.suite]})"
         return check, None
     try:
-        data = paired(gate.suite, gate.metric, ref.model, ckpt, cluster=gate.cluster)
+        data = paired(gate.suite, gate.metric, ref.model, ckpt, cluster=gate.cluster, groups=groups)
         if part is not None:
             data = data.subset(_part_mask(data.ids, policy.confirm, part))
             if len(data.ids) == 0:
@@ -370,20 +370,21 @@ def _test(gate: Gate, data: Paired, rng, iterations: int):
     return PairedBootstrap(data.base, data.checkpoint, data.weights, transform, gate.relative, rng, iterations, data.clusters)
 
 
-def paired(suite: str, metric: str, base: ModelResult, ckpt: ModelResult, cluster: str | None = None) -> Paired:
+def paired(suite: str, metric: str, base: ModelResult, ckpt: ModelResult, cluster: str | None = None, groups: ModelResult | None = None) -> Paired:
     """Align base and checkpoint per item for one suite metric; refuse anything that does not pair.
 
     ``cluster`` names the item field that groups items (a passage id, a subject): each item's value
-    of it is read from the base's records and kept in ``Paired.clusters``.
+    of it is read from the records of ``groups`` (the base model of results.json, whose records
+    carry it; default: ``base``) and kept in ``Paired.clusters``.
     """
     data = _paired(suite, metric, base, ckpt)
     if cluster is not None:
-        data.clusters = _clusters(suite, cluster, base, data.ids)
+        data.clusters = _clusters(suite, cluster, groups or base, data.ids)
     return data
 
 
 def _clusters(suite: str, field: str, base: ModelResult, ids: list[str]) -> np.ndarray:
-    records = base.scores[suite].documents if suite in base.scores else base.tasks[suite].items
+    records = base.scores[suite].documents if suite in base.scores else (base.tasks[suite].items if suite in base.tasks else [])
     groups = {r.id: r.groups.get(field) for r in records}
     missing = [i for i in ids if groups.get(i) is None]
     if missing:

@@ -303,3 +303,6 @@ def test_metric_directions_and_aggregations_come_from_the_task(gate_run, tasks, 
     lambada = prepare_task(SuiteSpec(name="lam", type="lm_eval", task=str(tasks / "lambada.yaml")), tmp_path)
     assert lambada.higher_is_better == {"perplexity": False, "acc": True}
     assert lambada.aggregation == {"perplexity": "perplexity", "acc": "mean"}
+    mc_task = prepare_task(SuiteSpec(name="mc", type="lm_eval", task=str(tasks / "mc.yaml")), tmp_path)
+    first = mc_rows(16, 1)[0]
+    assert mc_task.doc_fields["0"] == {"question": first["question"], "answer": str(first["answer"])}  # lists are left out

@@ -477,3 +477,42 @@ def test_reasons_show_the_bounds_the_decision_used():
             assert (c.outcome == "fail") == (c.high < -0.03)
             if c.outcome == "pass":
                 assert "too small" not in c.reason
+
+
+def clustered(rng, passages, per, margin, gain=0.1, acc=0.7):
+    """0/1 items in passages whose losses share a passage-level rate: true drop exactly ``margin``."""
+    base = (rng.random(passages * per) < acc).astype(float)
+    mean_loss = (margin + (1 - acc) * gain) / acc
+    rate = np.repeat(rng.choice([0.0, 2 * mean_loss], passages), per)  # strongly correlated within a passage
+    u = rng.random(len(base))
+    ckpt = base.copy()
+    ckpt[(base == 1) & (u < rate)] = 0
+    ckpt[(base == 0) & (u < gain)] = 1
+    return base, ckpt
+
+
+def with_passages(m: ModelResult, per: int) -> ModelResult:
+    for item in m.tasks["quiz"].items:
+        item.groups = {"passage": f"p{int(item.id) // per}"}
+    return m
+
+
+def test_clustered_items_are_resampled_by_cluster():
+    """Several questions per passage: `cluster: passage` resamples passages, and keeps false passes at alpha."""
+    rng = np.random.default_rng(31)
+    gate = Gate("quiz", "acc", "max_drop", 0.05, cluster="passage")
+    base, ckpt = clustered(rng, 60, 5, 0.0)
+    data = results(with_passages(model("base", correct=base), 5), [model("c", 1, correct=ckpt)])
+    (check,) = evaluate(policy(gate), data, rng).checkpoints[0].checks
+    (flat,) = evaluate(policy(Gate("quiz", "acc", "max_drop", 0.05)), data, rng).checkpoints[0].checks
+    assert check.method == "bootstrap-t" and (check.n, check.units) == (300, 60)
+    assert check.high - check.low > flat.high - flat.low
+    missing = evaluate(policy(gate), results(model("base", correct=base), [model("c", 1, correct=ckpt)]), rng)
+    assert missing.checkpoints[0].checks[0].outcome == "error"
+    assert "has no 'passage' field to cluster by" in missing.checkpoints[0].checks[0].reason
+    reps, passes = 400, 0
+    for _ in range(reps):
+        base, ckpt = clustered(rng, 60, 5, 0.05)
+        v = evaluate(policy(gate), results(with_passages(model("base", correct=base), 5), [model("c", 1, correct=ckpt)]), rng)
+        passes += v.checkpoints[0].verdict == "pass"
+    assert passes / reps <= ALPHA + 3 * math.sqrt(ALPHA * (1 - ALPHA) / reps)

@@ -57,6 +57,8 @@ class PreparedTask:
     """The task's own direction of each metric (lm-eval's ``higher_is_better``)."""
     aggregation: dict[str, str] = field(default_factory=dict)
     """The task's aggregation of each metric, by name (``mean``, ``perplexity``, ``weighted_perplexity``...)."""
+    doc_fields: dict[str, dict[str, str]] = field(default_factory=dict)
+    """Item id -> the document's short scalar fields (what a gate's ``cluster:`` may group by)."""
 
     @property
     def metric(self) -> str:
@@ -109,8 +111,13 @@ def prepare_task(spec: SuiteSpec, work_dir: Path) -> PreparedTask:
     docs = hashlib.sha256()
     n_documents = 0
     configs = {}
+    doc_fields = {}
     for name, task in sorted(leaves.items()):
         eval_docs = list(task.eval_docs)
+        for index, doc in enumerate(eval_docs[: spec.limit] if spec.limit is not None else eval_docs):
+            # Item ids as task_score names them: lm-eval's doc_id is the document's index.
+            item_id = f"{name}/{index}" if len(leaves) > 1 else str(index)
+            doc_fields[item_id] = _short_fields(doc)
         n_documents += len(eval_docs) if spec.limit is None else min(spec.limit, len(eval_docs))
         for doc in eval_docs:
             docs.update(json.dumps(doc, sort_keys=True, default=str).encode())
@@ -143,8 +150,16 @@ def prepare_task(spec: SuiteSpec, work_dir: Path) -> PreparedTask:
         n_documents=n_documents,
         versions={name: task.VERSION for name, task in leaves.items()},
         metrics=metrics,
+        doc_fields=doc_fields,
         **_semantics(leaves),
     )
+
+
+def _short_fields(doc) -> dict[str, str]:
+    """A document's scalar fields of up to 200 characters, as text (ids, subjects, passage numbers)."""
+    if not isinstance(doc, dict):
+        return {}
+    return {str(k): str(v) for k, v in doc.items() if isinstance(v, (str, int, bool)) and len(str(v)) <= 200}
 
 
 def _semantics(leaves: dict) -> dict:
