@@ -492,7 +492,8 @@ def _decide(policy: Policy, verdicts: list[CheckpointVerdict], tests: dict, fami
             if test is None:
                 continue
             estimate = test.estimate(c.level, threshold(c.kind, c.lower_is_better, c.margin))
-            c.base_value, c.value = estimate.base, estimate.value
+            c.base_value = None if math.isnan(estimate.base) else estimate.base  # floors have no base value
+            c.value = estimate.value
             c.delta = estimate.value - estimate.base if c.kind != "floor" else None
             c.effect, c.low, c.high = estimate.effect, estimate.low, estimate.high
             c.mcnemar_p, c.n, c.method = estimate.mcnemar_p, estimate.n, estimate.method
