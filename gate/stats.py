@@ -257,8 +257,9 @@ class PairedBinary:
             method = "score"
         d = (self.n01 - self.n10) / self.n
         scale = self.base_value if self.relative else 1.0
-        # Var(d) = (p01 + p10 - (p01 - p10)^2) / n, with the observed proportions plugged in.
-        se = math.sqrt(max(self.m / self.n - d * d, 0.0) / self.n) / scale
+        # Var(d) = (p01 + p10 - (p01 - p10)^2) / n, with the observed proportions plugged in; at least
+        # one discordant item, so that no discordance never plans with a zero standard error.
+        se = math.sqrt(max(max(self.m, 1) / self.n - d * d, 1.0 / self.n**2) / self.n) / scale
         return Estimate(
             base=self.base_value,
             value=self.value,

@@ -94,6 +94,7 @@ def test_no_discordant_item_never_gives_p_zero():
     small = PairedBinary(*binary_pairs(0, 0, 15, 5))
     assert small.p_above(-0.05) > 0.05  # 20 identical items cannot rule out a 5-point drop
     assert same.p_above(0.0) == 1.0 and same.p_below(0.0) == 1.0  # McNemar with m = 0
+    assert same.estimate(0.05, -0.05).se == pytest.approx(math.sqrt(1 / 200 / 200))  # plans with one discordant item, never se = 0
 
 
 def test_bounds_invert_the_tests():
