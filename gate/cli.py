@@ -445,7 +445,26 @@ def _print_verdict(verdict, path: Path) -> None:
         mark = v.verdict.upper() if v.verdict != "pass" else "pass"
         detail = "" if v.verdict == "pass" else f"  {v.reason}"
         click.echo(f"  {v.name:<{width}}  {mark:<12}{detail}".rstrip())
+    _print_sizing(verdict)
     click.echo(f"verdict: {path}")
+
+
+def _print_sizing(verdict) -> None:
+    """What each gate can detect at the family's level, the items it needs, and each checkpoint's chance to pass."""
+    from gate.report.view import sizing
+
+    rows = sizing(verdict)
+    family = verdict.policy.get("family")
+    if not rows or not family:
+        return
+    click.echo(f"sizing (80% power at alpha / {family} = {verdict.alpha / family:.3g}):")
+    for s in rows:
+        needed = "no size can settle it (the change observed sits on the threshold)" if s.needed is None else f"about {s.needed} needed"
+        short = "  TOO SMALL" if s.needed is not None and s.needed > s.items else ""
+        click.echo(f"  {s.title}: MDE {s.mde}; {s.items} items, {needed}{short}")
+    chances = [(v.name, v.p_all_pass) for v in verdict.checkpoints if v.p_all_pass is not None]
+    if chances:
+        click.echo("  chance every gate passes: " + ", ".join(f"{name} {p:.2f}" for name, p in chances))
 
 
 def _set_offline(online: bool) -> None:

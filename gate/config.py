@@ -68,6 +68,10 @@ GATE_BOUNDS = {
     "max": ("floor", None),
 }
 LOWER_IS_BETTER = {"perplexity", "bits_per_byte", "word_perplexity", "byte_perplexity"}
+"""Perplexity-suite metrics (always lower is better) and lm-eval's rolling perplexities."""
+HIGHER_IS_BETTER = {"acc", "acc_norm", "exact_match", "f1", "mcc", "acc_mutual_info"}
+"""lm-eval metrics whose direction is known when a results.json predates recorded higher_is_better."""
+GATE_KEYS = {"suite", "metric", "informational", "higher_is_better", "cluster", "min_items"}
 DEFAULT_MAX_INCREASE = 0.05
 SUITE_KEYS = {"name", "type", "path", "task", "num_fewshot", "limit", "metric", "chat_template"}
 ONLY_FOR = {"path": "perplexity", "task": "lm_eval", "num_fewshot": "lm_eval"}
@@ -143,6 +147,12 @@ class Gate:
     """Margin given in percent of the base's value ("2%")."""
     informational: bool = False
     """Reported but never decides a verdict."""
+    higher_is_better: bool | None = None
+    """The metric's direction when set in the gate; None: the suite type's, else lm-eval's ``higher_is_better``."""
+    cluster: str | None = None
+    """Item field that groups items (passage id, subject): resample and estimate variance by cluster."""
+    min_items: int | None = None
+    """Fewer items (clusters) than this make the check inconclusive; None: gate.policy's default."""
 
     @property
     def kind(self) -> str:
@@ -150,12 +160,28 @@ class Gate:
 
     @property
     def lower_is_better(self) -> bool:
-        return self.metric in LOWER_IS_BETTER
+        """The direction known without results (the gate's own, or a metric's known one); else higher."""
+        known = known_direction(self.metric) if self.higher_is_better is None else not self.higher_is_better
+        return bool(known)
 
     def describe(self) -> str:
         margin = f"{self.margin * 100:g}%" if self.relative else f"{self.margin:g}"
         tail = " (informational)" if self.informational else ""
         return f"{self.suite}.{self.metric} {self.bound.replace('_', ' ')} {margin}{tail}"
+
+
+def known_direction(metric: str) -> bool | None:
+    """True (lower is better) or False for metrics whose direction is fixed; None when only the task knows.
+
+    lm-eval task metrics take their direction from the task (``higher_is_better``, recorded in
+    results.json); a per-item ``perplexity`` of an lm-eval task is a log-likelihood, so the name alone
+    decides nothing for it in lm-eval suites (gate.policy asks the suite first).
+    """
+    if metric in LOWER_IS_BETTER:
+        return True
+    if metric.split(",")[0] in HIGHER_IS_BETTER:
+        return False
+    return None
 
 
 @dataclass
@@ -167,13 +193,13 @@ class Policy:
     select: tuple[str, str] | None = None
     """(suite, metric) that ranks the passing checkpoints; None: the first objective's, else the first gate's."""
     alpha: float = 0.05
-    """Significance level of every test (family-wise, with Holm's correction)."""
+    """P(a checkpoint that violates any gate passes) <= alpha: intersection-union within, Holm across checkpoints."""
     confirm: float | None = None
     """Fraction of items used to select; the candidate is certified on the rest. None: no split."""
     seed: int = 0
     """Seed of the bootstrap's random numbers."""
     bootstrap_iterations: int = 10_000
-    """Bootstrap replicates per comparison."""
+    """Bootstrap replicates per comparison (at least; raised to 20 K / alpha for K checkpoints)."""
     reference: str | None = None
     """Also gate against this: ``release`` (the blessed release) or a checkpoint's name. None: the base only."""
 
@@ -454,7 +480,7 @@ def _gates(value: object, suites: list[SuiteSpec], problems: list[str]) -> list[
         if not isinstance(entry, dict):
             problems.append(f"{where}: must be a mapping like {{suite: known-good, metric: perplexity, max_increase: 2%}}")
             continue
-        _unknown_keys(entry, {"suite", "metric", "informational", *GATE_BOUNDS}, f"{where}.", problems)
+        _unknown_keys(entry, {*GATE_KEYS, *GATE_BOUNDS}, f"{where}.", problems)
         suite_metric = _suite_metric(f"{entry.get('suite')}.{entry.get('metric')}", suites, where, problems)
         bounds = [b for b in GATE_BOUNDS if b in entry]
         if len(bounds) != 1:
@@ -463,13 +489,24 @@ def _gates(value: object, suites: list[SuiteSpec], problems: list[str]) -> list[
         bound = bounds[0]
         margin, relative = _margin(entry[bound], f"{where}.{bound}", problems)
         informational = _typed(entry, "informational", bool, False, f"{where}.", problems)
+        direction = _typed(entry, "higher_is_better", bool, None, f"{where}.", problems)
+        cluster = _typed(entry, "cluster", str, None, f"{where}.", problems)
+        min_items = _positive_int(entry, "min_items", None, f"{where}.", problems)
         if suite_metric is None or margin is None:
             continue
-        gate = Gate(suite_metric[0], suite_metric[1], bound, margin, relative, informational)
+        gate = Gate(suite_metric[0], suite_metric[1], bound, margin, relative, informational, direction, cluster, min_items)
+        spec = next(sp for sp in suites if sp.name == gate.suite)
+        if spec.type == "perplexity" and direction is False:
+            problems.append(f"{where}.higher_is_better: {gate.metric} of a perplexity suite is better when lower; remove the key")
+            continue
+        known = True if spec.type == "perplexity" else (None if direction is None else not direction)
+        if known is None and gate.metric in LOWER_IS_BETTER:
+            known = True  # lm-eval's rolling perplexities (word_perplexity, bits_per_byte, ...)
         wants_lower = GATE_BOUNDS[bound][1]
-        if wants_lower is not None and wants_lower != gate.lower_is_better:
-            better = "lower" if gate.lower_is_better else "higher"
-            fitting = "max_increase / min_decrease" if gate.lower_is_better else "max_drop / min_gain"
+        # Unknown here (an lm-eval metric): gate.policy.validate checks it against lm-eval's higher_is_better.
+        if wants_lower is not None and known is not None and wants_lower != known:
+            better = "lower" if known else "higher"
+            fitting = "max_increase / min_decrease" if known else "max_drop / min_gain"
             problems.append(f"{where}.{bound}: {gate.metric} is better when {better}; use {fitting}")
             continue
         if bound in ("min", "max") and relative:

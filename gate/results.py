@@ -36,6 +36,8 @@ class DocumentScore:
     """Number of scored tokens."""
     bytes: int
     """UTF-8 bytes of the scored text."""
+    groups: dict[str, str] = field(default_factory=dict)
+    """Grouping fields of the document (a gate's ``cluster:`` field), recorded when a gate clusters by them."""
 
 
 @dataclass
@@ -107,6 +109,8 @@ class ItemScore:
     """Metric -> value (acc, acc_norm, exact_match...); rolling tasks: loglikelihood, words, bytes."""
     excerpt: str = ""
     """The end of the prompt and the target, for reports."""
+    groups: dict[str, str] = field(default_factory=dict)
+    """Grouping fields of the lm-eval document (a gate's ``cluster:`` field), recorded when a gate clusters by them."""
 
 
 @dataclass
@@ -132,6 +136,10 @@ class TaskScore:
     libraries: dict[str, str] = field(default_factory=dict)
     """Versions of the libraries this score was computed under (torch, transformers, tokenizers,
     lm_eval; peft for adapters); only scores computed under equal versions are compared."""
+    higher_is_better: dict[str, bool] = field(default_factory=dict)
+    """lm-eval's direction of each metric (empty in files written before gate recorded it)."""
+    aggregation: dict[str, str] = field(default_factory=dict)
+    """lm-eval's aggregation of each metric (``mean``, ``perplexity``: per-item log-likelihoods, ...)."""
 
     @property
     def value(self) -> float:

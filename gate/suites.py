@@ -42,6 +42,8 @@ class Document:
     """Chat turns ``{"role", "content"}``, for shape ``messages``; assistant turns are scored."""
     line: int = 0
     """1-based line number in the suite file, for messages that point at the data."""
+    meta: dict[str, str] = field(default_factory=dict)
+    """The line's ``meta`` object, scalar fields as text: what a gate's ``cluster:`` may group by."""
 
     def excerpt(self, limit: int = 240) -> str:
         """A short text for reports: the text, the prompt and completion, or the conversation."""
@@ -171,6 +173,14 @@ def _parse_line(line: str, number: int) -> Document:
     if doc_id is not None and not isinstance(doc_id, (str, int)):
         raise ValueError(f'"id" must be a string or an integer, not {type(doc_id).__name__}')
     doc_id = None if doc_id is None else str(doc_id)
+    document = _shape(obj, doc_id, number)
+    meta = obj.get("meta")
+    if isinstance(meta, dict):
+        document.meta = {str(k): str(v) for k, v in meta.items() if isinstance(v, (str, int, float, bool))}
+    return document
+
+
+def _shape(obj: dict, doc_id: str | None, number: int) -> Document:
     if "text" in obj:
         if {"prompt", "completion", "messages"} & set(obj):
             raise ValueError('has "text" and another shape; use one of text, prompt+completion, messages')

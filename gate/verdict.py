@@ -7,7 +7,7 @@ from pathlib import Path
 
 from gate.results import read_versioned_json, write_json_atomic
 
-VERDICT_SCHEMA_VERSION = 1
+VERDICT_SCHEMA_VERSION = 2
 OUTCOMES = ("selected", "no_candidate", "not_certified", "no_policy")
 
 
@@ -42,23 +42,38 @@ class Check:
     effect: float | None = None
     """The change on the margin's scale (relative or absolute)."""
     low: float | None = None
-    """One-sided lower confidence bound of the effect (level alpha)."""
+    """One-sided lower confidence bound of the effect at ``level`` (None: the data cannot give one)."""
     high: float | None = None
-    """One-sided upper confidence bound of the effect (level alpha)."""
+    """One-sided upper confidence bound of the effect at ``level`` (None: the data cannot give one)."""
+    level: float | None = None
+    """One-sided level the check was decided at, and its bounds computed at: Holm's level for its checkpoint."""
     p_value: float | None = None
-    """Holm-adjusted p-value of the test that would pass the check (pass when <= alpha)."""
+    """Unadjusted p-value of the test that would pass the check (it passes when p_value <= level)."""
     p_fail: float | None = None
-    """p-value of the test that would fail it (the bound shows the margin is exceeded)."""
+    """Unadjusted p-value of the test that would fail it (it fails when p_fail <= level)."""
     mcnemar_p: float | None = None
     """McNemar's exact two-sided p-value of 'no difference' (0/1 metrics)."""
     mde: float | None = None
-    """Minimum detectable effect at this suite's size (80% power, level alpha), on the effect's scale."""
+    """Minimum detectable effect at the family's level alpha / K (80% power), on the effect's scale."""
+    items_needed: int | None = None
+    """Items (clusters when clustered) for 80% power at the family's level, from the observed dispersion
+    (guardrails: assuming no true change; objectives and floors: the change observed). None: no size can."""
+    power: float | None = None
+    """Chance this check passes at the family's level, under the same assumption (normal approximation)."""
     underpowered: bool = False
-    """The margin is below the MDE: the suite is too small to tell."""
+    """The suite has fewer items than ``items_needed``: too small to tell."""
+    too_small: str = ""
+    """Set when the suite has fewer items than the check's minimum: it cannot pass (it may still fail)."""
+    degenerate: bool = False
+    """Every item changed by the same amount: the bootstrap has no spread, nothing is certified."""
     n: int = 0
     """Paired items."""
+    units: int = 0
+    """Independent units: clusters when the gate clusters items, else ``n``."""
     method: str = ""
-    """bootstrap | mcnemar | binomial."""
+    """score (Tango) | mcnemar | bootstrap-t | binomial."""
+    lower_is_better: bool = False
+    """The metric's direction (the gate's ``higher_is_better``, the suite type's, or lm-eval's)."""
     against: str = "base"
     """What the checkpoint is compared with: ``base``, or the reference (``release:NAME``, a checkpoint name)."""
 
@@ -76,9 +91,18 @@ class CheckpointVerdict:
     reason: str
     """One line: why."""
     checks: list[Check] = field(default_factory=list)
-    """Every check, in policy order."""
-    certification: list[Check] = field(default_factory=list)
-    """With `confirm`: the candidate's checks on the held-out half of the items."""
+    """Every check, in policy order (with `confirm`, for the selected checkpoint: on the held-out items)."""
+    selection: list[Check] = field(default_factory=list)
+    """With `confirm`, for the checkpoint certified: its checks on the selection items."""
+    p_value: float | None = None
+    """Intersection-union p-value: the largest of its non-informational checks' (1 for any that cannot pass)."""
+    p_adjusted: float | None = None
+    """Holm-adjusted p_value over the family of checkpoints (it passes when <= alpha)."""
+    level: float | None = None
+    """The level Holm tested it at (alpha / (K - step + 1)); its checks are decided at it."""
+    p_all_pass: float | None = None
+    """Chance every check passes at the family's level: the product of the checks' ``power``
+    (an approximation that treats the checks as independent)."""
 
 
 @dataclass
@@ -94,7 +118,7 @@ class Verdict:
     reason: str
     """One line for people."""
     alpha: float
-    """Family-wise significance level."""
+    """P(a checkpoint that violates any gate passes) is at most alpha (see gate.policy)."""
     policy: dict
     """The policy applied: gates (one line each), select, alpha, confirm, seed, bootstrap iterations."""
     checkpoints: list[CheckpointVerdict]
@@ -112,7 +136,7 @@ class Verdict:
                 **{
                     **c,
                     "checks": [Check(**k) for k in c["checks"]],
-                    "certification": [Check(**k) for k in c.get("certification", [])],
+                    "selection": [Check(**k) for k in c.get("selection", [])],
                 }
             )
             for c in obj["checkpoints"]

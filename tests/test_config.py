@@ -102,3 +102,36 @@ def test_suite_names_cannot_point_outside_the_output_folder(tmp_path, name):
     (tmp_path / "s.jsonl").write_text('{"text": "x"}\n')
     with pytest.raises(ConfigError, match="may only use letters, digits"):
         load_config(write(tmp_path, f"suites:\n  - {{name: '{name}', path: s.jsonl}}\n"))
+
+
+def test_gate_direction_cluster_and_minimum_items(tmp_path):
+    config = load_config(
+        write(
+            tmp_path,
+            "suites:\n  - name: known-good\n  - name: arith\n"
+            "gates:\n"
+            "  - {suite: arith, metric: score, min_gain: 0.01, higher_is_better: true, cluster: passage, min_items: 50}\n"
+            "  - {suite: arith, metric: loss, max_increase: 0.1, higher_is_better: false}\n"
+            "  - {suite: arith, metric: weird, max_drop: 0.1}\n",  # unknown direction: checked against results later
+        )
+    )
+    score, loss, weird = config.policy.gates
+    assert (score.higher_is_better, score.cluster, score.min_items) == (True, "passage", 50)
+    assert loss.higher_is_better is False and weird.higher_is_better is None
+    with pytest.raises(ConfigError) as err:
+        load_config(
+            write(
+                tmp_path,
+                "suites:\n  - name: known-good\n  - name: arith\n"
+                "gates:\n"
+                "  - {suite: arith, metric: score, max_increase: 0.1, higher_is_better: true}\n"
+                "  - {suite: known-good, metric: perplexity, max_increase: 5%, higher_is_better: false}\n"
+                "  - {suite: arith, metric: acc, max_drop: 0.1, min_items: 0, cluster: 3}\n",
+            )
+        )
+    assert err.value.problems == [
+        "gates[0].max_increase: score is better when higher; use max_drop / min_gain",
+        "gates[1].higher_is_better: perplexity of a perplexity suite is better when lower; remove the key",
+        "gates[2].cluster: must be a string, not 3",
+        "gates[2].min_items: must be a positive integer, not 0",
+    ]

@@ -250,7 +250,7 @@ def test_cli_prints_the_lm_eval_table_with_skipped_cells(world, tasks, tmp_path)
     config = config_for(world, tasks, tmp_path, extra="funnel: {top_k: 2, by: text.perplexity}\n")
     args = ["run", str(world.checkpoints), "--config", str(config), "--out", str(tmp_path / "out"), "-q", "--limit", "4"]
     result = CliRunner().invoke(main, args)
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 1, result.output  # no candidate: 4 items per suite cannot certify anything
     lines = result.stdout.splitlines()
     start = lines.index("lm-eval")
     assert lines[start + 1].split() == ["model", "step", "mc", "acc", "rolling", "word_perplexity"]
@@ -269,3 +269,44 @@ def test_task_identity_does_not_depend_on_the_output_folder(world, tasks, tmp_pa
     spec = SuiteSpec(name="mc", type="lm_eval", task=str(tasks / "mc.yaml"), num_fewshot=2)
     first, second = (prepare_task(spec, tmp_path / out) for out in ("a", "b"))
     assert first.identity == second.identity
+
+
+LAMBADA_YAML = """\
+task: tiny_lambada
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: data/rolling.jsonl
+test_split: test
+output_type: loglikelihood
+doc_to_text: "{{text.split(' ')[:-1] | join(' ')}}"
+doc_to_target: "{{' ' + text.split(' ')[-1]}}"
+metric_list:
+  - metric: perplexity
+    aggregation: perplexity
+    higher_is_better: false
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+
+
+def test_metric_directions_and_aggregations_come_from_the_task(gate_run, tasks, tmp_path):
+    """lm-eval's higher_is_better and aggregation are recorded with the scores (the policy reads them)."""
+    from gate.config import SuiteSpec
+    from gate.runner.harness import prepare_task
+
+    outcome, _, _ = gate_run
+    mc, rolling = outcome.results.base.tasks["mc"], outcome.results.base.tasks["rolling"]
+    assert mc.higher_is_better == {"acc": True, "acc_norm": True} and mc.aggregation == {"acc": "mean", "acc_norm": "mean"}
+    assert rolling.higher_is_better == {"word_perplexity": False, "byte_perplexity": False, "bits_per_byte": False}
+    assert rolling.aggregation["word_perplexity"] == "weighted_perplexity"
+    (tasks / "lambada.yaml").write_text(LAMBADA_YAML)
+    lambada = prepare_task(SuiteSpec(name="lam", type="lm_eval", task=str(tasks / "lambada.yaml")), tmp_path)
+    assert lambada.higher_is_better == {"perplexity": False, "acc": True}
+    assert lambada.aggregation == {"perplexity": "perplexity", "acc": "mean"}
+    mc_task = prepare_task(SuiteSpec(name="mc", type="lm_eval", task=str(tasks / "mc.yaml")), tmp_path)
+    first = mc_rows(16, 1)[0]
+    assert mc_task.doc_fields["0"] == {"question": first["question"], "answer": str(first["answer"])}  # lists are left out

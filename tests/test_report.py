@@ -18,7 +18,7 @@ EVIL = "<script>alert('gate')</script><img src=x onerror=alert(1)>"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
-def make_results(n_checkpoints: int = 4, n_docs: int = 60, seed: int = 0) -> Results:
+def make_results(n_checkpoints: int = 4, n_docs: int = 200, seed: int = 0) -> Results:
     rng = np.random.default_rng(seed)
     tokens = rng.integers(20, 80, n_docs)
     nll = tokens * rng.normal(2.5, 0.2, n_docs)
@@ -26,8 +26,9 @@ def make_results(n_checkpoints: int = 4, n_docs: int = 60, seed: int = 0) -> Res
 
     def model(name, step, drift, flips):
         m = ModelResult(name=name, kind="base" if name == "base" else "lora", path=f"/ckpts/{name}", step=step, weights_hash="ab" * 32)
+        noise = rng.normal(0, 0.01, n_docs) if name != "base" else np.zeros(n_docs)  # documents differ in their change
         m.scores["general"] = SuiteScore.from_documents(
-            "general", [DocumentScore(f"d{i}", float(x + t * drift), int(t), int(t) * 4) for i, (x, t) in enumerate(zip(nll, tokens))]
+            "general", [DocumentScore(f"d{i}", float(x + t * (drift + e)), int(t), int(t) * 4) for i, (x, t, e) in enumerate(zip(nll, tokens, noise))]
         )
         c = correct.copy()
         c[np.flatnonzero(c == 1)[:flips]] = 0
@@ -206,3 +207,16 @@ def test_markdown_carries_no_html_from_data(rendered):
     text = rendered[2]["markdown"].read_text()
     assert "<script" not in text and "<img" not in text  # checkpoint names are escaped
     assert "&lt;script&gt;" in text
+
+
+def test_reports_show_mde_items_needed_and_the_chance_to_pass(rendered):
+    results, verdict, paths = rendered
+    view = build_view(results, verdict)
+    checks = [c for v in verdict.checkpoints for c in v.checks if c.suite == "quiz"]
+    (quiz,) = [s for s in view.sizing if s.title.startswith("quiz.acc")]
+    assert quiz.needed == max(c.items_needed for c in checks) and quiz.items == 200
+    assert quiz.mde == f"{max(c.mde for c in checks):.3g}"
+    html = paths["html"].read_text()
+    assert 'id="sizing"' in html and f"alpha / K = {0.05 / 4:.3g}" in html
+    assert "Chance every gate passes, per checkpoint" in html
+    assert f"{quiz.needed} items needed (200 scored)" in paths["markdown"].read_text()

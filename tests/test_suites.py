@@ -91,3 +91,10 @@ def test_builtin_known_good_suite_is_valid_english_text():
     suite = load_suite("known-good", builtin_suites_dir() / entry["path"])
     assert len(suite.documents) == 30 and suite.shapes == {"text"}
     assert all(len(d.text.split()) >= 40 for d in suite.documents)
+
+
+def test_meta_fields_are_kept_for_clustering(tmp_path):
+    path = tmp_path / "s.jsonl"
+    path.write_text('{"id": "a", "text": "One.", "meta": {"passage": "p1", "n": 3, "tags": ["x"]}}\n{"id": "b", "text": "Two."}\n')
+    a, b = load_suite("s", path).documents
+    assert a.meta == {"passage": "p1", "n": "3"} and b.meta == {}

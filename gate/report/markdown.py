@@ -26,6 +26,10 @@ def render_markdown(view: ReportView, report_name: str = "report.html") -> str:
         verdict_cell = f"{EMOJI.get(row.verdict, '')} {MARKS.get(row.verdict, ('', row.verdict))[1]}"
         table.append(f"| {name} | {row.step if row.step is not None else '—'} | {verdict_cell} | " + " | ".join(cells) + " |")
     tail = ["", "Policy: " + "; ".join(f"`{g}`" for g in verdict.policy.get("gates", [])), ""]
+    if view.sizing:
+        tail += ["Suite sizes (80% power at the family's level): " + "; ".join(
+            f"{_escape(s.title)}: MDE {s.mde}, {s.needed if s.needed is not None else '—'} items needed ({s.items} scored)" for s in view.sizing
+        ), ""]
     if view.overlaps:
         tail += ["Contamination check: " + "; ".join(("✅ " if o.clean else "❌ ") + _escape(o.summary()) for o in view.overlaps), ""]
     tail.append(f"Full report with plots and per-document drill-down: `{report_name}` (in the run's output folder or CI artifact).")

@@ -6,7 +6,7 @@ import base64
 import io
 from dataclasses import dataclass
 
-from gate.config import GATE_BOUNDS, LOWER_IS_BETTER
+from gate.config import GATE_BOUNDS
 from gate.policy import threshold
 from gate.report.view import ReportView, finite, run_of
 
@@ -83,6 +83,8 @@ def _metric_plot(plt, view: ReportView, column):
 
 
 def _value_bounds(check) -> tuple[float, float]:
+    if check.low is None or check.high is None:
+        return check.value, check.value  # no interval (a degenerate sample): no band
     if check.kind == "floor":
         return check.low, check.high
     if check.relative:
@@ -95,7 +97,7 @@ def _limit(base: float, bound: str, margin: float, metric: str, relative: bool) 
     kind = GATE_BOUNDS[bound][0]
     if kind == "floor":
         return None
-    t = threshold(kind, metric in LOWER_IS_BETTER, margin)
+    t = threshold(kind, GATE_BOUNDS[bound][1], margin)  # the bound implies the direction (max_increase: lower is better)
     return base * (1 + t) if relative else base + t
 
 

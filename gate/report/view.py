@@ -60,6 +60,8 @@ class Row:
     selected: bool
     cells: list[Cell]
     weights_hash: str | None
+    p_all_pass: str = "—"
+    """Chance every gate passes at the family's level (Check.power multiplied), or '—'."""
 
 
 @dataclass
@@ -102,6 +104,20 @@ class DrillDown:
 
 
 @dataclass
+class Sizing:
+    """What one gate can detect at the suite's size, and what it would need (worst over checkpoints)."""
+
+    title: str
+    """The gate, as its column is titled."""
+    mde: str
+    """Minimum detectable effect at the family's level (80% power), formatted on the gate's scale."""
+    items: int | None
+    """Paired items (or clusters) the suite has."""
+    needed: int | None
+    """Items (clusters) needed for 80% power at the family's level; None: no size can (true effect on the threshold)."""
+
+
+@dataclass
 class ReportView:
     """Everything the HTML, Markdown and JUnit reports show."""
 
@@ -114,6 +130,10 @@ class ReportView:
     provenance: list[tuple[str, str]]
     overlaps: list[Overlap]
     """The contamination check's findings, one per suite x training file (empty: not configured)."""
+    sizing: list[Sizing] = field(default_factory=list)
+    """Per gate: MDE and items needed at the family's level."""
+    family_level: float | None = None
+    """alpha / K: the level MDE and items needed are computed at (K checkpoints in the family)."""
 
     def contaminated_examples(self, o: Overlap, limit: int = 10) -> list[tuple[str, float, str]]:
         """The most contaminated documents of one finding: (id, share, excerpt)."""
@@ -129,7 +149,31 @@ def build_view(results: Results, verdict: Verdict, top: int = 5, flips: int = 10
         _drilldown(v, results.base, by_name[v.name], results, top, flips) for v in verdict.checkpoints if v.name in by_name
     ]
     overlaps = [o for s in results.suites for o in s.overlap]
-    return ReportView(verdict, results, columns, rows, drilldowns, _notes(results, verdict), _provenance(results, verdict), overlaps)
+    view = ReportView(verdict, results, columns, rows, drilldowns, _notes(results, verdict), _provenance(results, verdict), overlaps)
+    view.sizing = sizing(verdict, columns)
+    family = verdict.policy.get("family")
+    view.family_level = verdict.alpha / family if family else None
+    return view
+
+
+def sizing(verdict: Verdict, columns: list[Column] | None = None) -> list[Sizing]:
+    """Per gate, the largest MDE and items needed over the checkpoints (the suite must serve them all)."""
+    out = []
+    for column in columns if columns is not None else _columns(verdict):
+        checks = [c for v in verdict.checkpoints for c in v.checks if _key(c) == column.key and c.mde is not None]
+        if not checks:
+            continue
+        mde = max(c.mde for c in checks)
+        needed = [c.items_needed for c in checks]
+        worst = None if any(n is None for n in needed) else max(needed)
+        text = f"{mde * 100:.2f}%" if column.relative else f"{mde:.3g}"
+        out.append(Sizing(column.title, text, max(c.units for c in checks), worst))
+    return out
+
+
+def p_all_pass(v: CheckpointVerdict) -> str:
+    """The checkpoint's chance to pass every gate (see Check.power), formatted, or '—'."""
+    return "—" if v.p_all_pass is None else f"{v.p_all_pass:.2f}"
 
 
 def _columns(verdict: Verdict) -> list[Column]:
@@ -168,18 +212,25 @@ def _row(v: CheckpointVerdict, results: Results, columns: list[Column], selected
         selected=v.name == selected,
         cells=cells,
         weights_hash=ckpt.weights_hash if ckpt else None,
+        p_all_pass=p_all_pass(v),
     )
 
 
 def format_value(c: Check) -> str:
+    """Value, change and the bounds the decision used (at the check's level); '?' where none exists."""
     if c.value is None:
         return "—"
+
+    def fmt(x: float | None, spec: str) -> str:
+        return "?" if x is None else format(x, spec)
+
     if c.kind == "floor":
-        return f"{c.value:.4g} [{c.low:.4g}, {c.high:.4g}]"
+        return f"{c.value:.4g} [{fmt(c.low, '.4g')}, {fmt(c.high, '.4g')}]"
     if c.relative:
-        change = f"{c.effect * 100:+.1f}% [{c.low * 100:+.1f}%, {c.high * 100:+.1f}%]"
+        scaled = [None if x is None else x * 100 for x in (c.effect, c.low, c.high)]
+        change = f"{fmt(scaled[0], '+.1f')}% [{fmt(scaled[1], '+.1f')}%, {fmt(scaled[2], '+.1f')}%]"
     else:
-        change = f"{c.effect:+.3g} [{c.low:+.3g}, {c.high:+.3g}]"
+        change = f"{fmt(c.effect, '+.3g')} [{fmt(c.low, '+.3g')}, {fmt(c.high, '+.3g')}]"
     return f"{c.value:.4g} ({change})"
 
 

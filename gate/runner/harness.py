@@ -53,6 +53,12 @@ class PreparedTask:
     """Task versions as lm-eval reports them."""
     metrics: list[str] = field(default_factory=list)
     """Metric keys the task produces (``metric`` or ``metric,filter``)."""
+    higher_is_better: dict[str, bool] = field(default_factory=dict)
+    """The task's own direction of each metric (lm-eval's ``higher_is_better``)."""
+    aggregation: dict[str, str] = field(default_factory=dict)
+    """The task's aggregation of each metric, by name (``mean``, ``perplexity``, ``weighted_perplexity``...)."""
+    doc_fields: dict[str, dict[str, str]] = field(default_factory=dict)
+    """Item id -> the document's short scalar fields (what a gate's ``cluster:`` may group by)."""
 
     @property
     def metric(self) -> str:
@@ -105,8 +111,13 @@ def prepare_task(spec: SuiteSpec, work_dir: Path) -> PreparedTask:
     docs = hashlib.sha256()
     n_documents = 0
     configs = {}
+    doc_fields = {}
     for name, task in sorted(leaves.items()):
         eval_docs = list(task.eval_docs)
+        for index, doc in enumerate(eval_docs[: spec.limit] if spec.limit is not None else eval_docs):
+            # Item ids as task_score names them: lm-eval's doc_id is the document's index.
+            item_id = f"{name}/{index}" if len(leaves) > 1 else str(index)
+            doc_fields[item_id] = _short_fields(doc)
         n_documents += len(eval_docs) if spec.limit is None else min(spec.limit, len(eval_docs))
         for doc in eval_docs:
             docs.update(json.dumps(doc, sort_keys=True, default=str).encode())
@@ -139,7 +150,27 @@ def prepare_task(spec: SuiteSpec, work_dir: Path) -> PreparedTask:
         n_documents=n_documents,
         versions={name: task.VERSION for name, task in leaves.items()},
         metrics=metrics,
+        doc_fields=doc_fields,
+        **_semantics(leaves),
     )
+
+
+def _short_fields(doc) -> dict[str, str]:
+    """A document's scalar fields of up to 200 characters, as text (ids, subjects, passage numbers)."""
+    if not isinstance(doc, dict):
+        return {}
+    return {str(k): str(v) for k, v in doc.items() if isinstance(v, (str, int, bool)) and len(str(v)) <= 200}
+
+
+def _semantics(leaves: dict) -> dict:
+    """Each metric's direction and aggregation as the tasks declare them (the first leaf that names it)."""
+    higher, aggregation = {}, {}
+    for _, task in sorted(leaves.items()):
+        for metric, flag in (task.higher_is_better() or {}).items():
+            higher.setdefault(metric, bool(flag))
+        for metric, function in (task.aggregation() or {}).items():
+            aggregation.setdefault(metric, getattr(function, "__name__", str(function)))
+    return {"higher_is_better": higher, "aggregation": aggregation}
 
 
 def evaluate(model, tokenizer, prepared: PreparedTask, *, batch_size: int, device, max_length: int) -> TaskScore:
@@ -204,6 +235,8 @@ def task_score(suite: str, prepared: PreparedTask, out: dict) -> TaskScore:
         num_fewshot=out.get("n-shot", {}).get(headline, prepared.spec.num_fewshot),
         limit=prepared.spec.limit,
         versions={k: v for k, v in out.get("versions", {}).items()},
+        higher_is_better=dict(prepared.higher_is_better),
+        aggregation=dict(prepared.aggregation),
     )
 
 

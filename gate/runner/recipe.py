@@ -493,7 +493,28 @@ class _Scorer:
         self.progress(ProgressEvent("done", model=plan.name, suite=suite, done=task.n_documents, total=task.n_documents))
 
 
+def _record_groups(request, plans: list[ModelPlan], tasks) -> None:
+    """Give the base's records the fields gates cluster by (JSONL ``meta``, lm-eval document fields)."""
+    gates = request.policy.gates if request.policy is not None else []
+    wanted: dict[str, set[str]] = {}
+    for g in gates:
+        if g.cluster:
+            wanted.setdefault(g.suite, set()).add(g.cluster)
+    base = next((p.result for p in plans if p.result.kind == "base"), None)
+    if base is None or not wanted:
+        return
+    meta = {s.name: {d.id: d.meta for d in s.documents} for s in request.suites}
+    fields = {t.spec.name: t.doc_fields for t in tasks}
+    for suite, names in wanted.items():
+        records = base.scores[suite].documents if suite in base.scores else (base.tasks[suite].items if suite in base.tasks else [])
+        source = meta.get(suite) or fields.get(suite) or {}
+        for record in records:
+            values = source.get(record.id, {})
+            record.groups = {n: values[n] for n in sorted(names) if n in values}
+
+
 def _assemble(request, plans: list[ModelPlan], tasks, settings, store: ResultsStore, outcome: RunOutcome) -> Results:
+    semantics = {t.spec.name: t for t in tasks}
     for plan in plans:
         if plan.result.status != "ok":
             continue
@@ -505,8 +526,14 @@ def _assemble(request, plans: list[ModelPlan], tasks, settings, store: ResultsSt
                 plan.result.scores[suite] = score
             task_score = store.get_task(identity.key)
             if task_score is not None:
+                # Scores stored before gate recorded metric semantics get them from the task itself.
+                prepared = semantics.get(suite)
+                if prepared is not None:
+                    task_score.higher_is_better = task_score.higher_is_better or dict(prepared.higher_is_better)
+                    task_score.aggregation = task_score.aggregation or dict(prepared.aggregation)
                 plan.result.tasks[suite] = task_score
     _check_pairing(plans, outcome)
+    _record_groups(request, plans, tasks)
     suites = [
         SuiteInfo(
             name=s.name,
