@@ -15,6 +15,11 @@ from gate.hashing import sha256_json
 from gate.results import read_results
 
 INSTALLED = {p: version(p) for p in ("torch", "transformers", "tokenizers", "peft")}
+CONFIG = "base: {base}\nsuites:\n  - {{name: text, path: {text}}}\n"
+# The policy is not under test here: 13 tiny documents cannot certify a checkpoint, so a run ends
+# with no candidate (exit 1). Exit codes 2 and 3 win over 1, so exit 1 also says that nothing was
+# refused or failed: the versions let the run, check and merge through.
+NO_CANDIDATE = 1
 
 
 def gate(*args):
@@ -26,9 +31,9 @@ def gate(*args):
 @pytest.fixture
 def scored(world, tmp_path):
     config = tmp_path / "gate.yaml"
-    config.write_text(f"base: {world.base}\nsuites:\n  - {{name: text, path: {world.suites / 'text.jsonl'}}}\n")
+    config.write_text(CONFIG.format(base=world.base, text=world.suites / "text.jsonl"))
     out = tmp_path / "out"
-    assert gate("run", world.checkpoints, "--config", config, "--out", out, "--device", "cpu", "-q").exit_code == 0
+    assert gate("run", world.checkpoints, "--config", config, "--out", out, "--device", "cpu", "-q").exit_code == NO_CANDIDATE
     return config, out
 
 
@@ -62,7 +67,7 @@ def test_after_an_upgrade_everything_is_rescored_and_the_run_says_why(world, sco
     before = read_results(out / "results.json")
     _as_if_stored_under(out / "gate.sqlite", "transformers", "4.57.6")
     result = gate("run", world.checkpoints, "--config", config, "--out", out, "--device", "cpu", "-q")
-    assert result.exit_code == 0
+    assert result.exit_code == NO_CANDIDATE
     lines = [line for line in result.output.splitlines() if line.startswith("rescoring")]
     assert lines == [
         f"rescoring 4 model x suite score(s) stored under other library versions (transformers 4.57.6 -> "
@@ -78,7 +83,7 @@ def test_after_an_upgrade_everything_is_rescored_and_the_run_says_why(world, sco
 
 def test_check_refuses_results_that_mix_library_versions(scored):
     config, out = scored
-    assert gate("check", out, "--config", config).exit_code == 0
+    assert gate("check", out, "--config", config).exit_code == NO_CANDIDATE
     raw = json.loads((out / "results.json").read_text())
     raw["checkpoints"][1]["scores"]["text"]["libraries"]["transformers"] = "4.57.6"
     raw["checkpoints"][2]["scores"]["text"]["libraries"]["tokenizers"] = "0.22.2"
@@ -93,10 +98,10 @@ def test_check_refuses_results_that_mix_library_versions(scored):
 
 def test_merge_uses_the_versions_the_shards_scored_under(world, tmp_path):
     config = tmp_path / "gate.yaml"
-    config.write_text(f"base: {world.base}\nsuites:\n  - {{name: text, path: {world.suites / 'text.jsonl'}}}\n")
+    config.write_text(CONFIG.format(base=world.base, text=world.suites / "text.jsonl"))
     shards = [tmp_path / f"shard{i}" for i in (1, 2)]
     for i, out in enumerate(shards, 1):
-        assert gate("run", world.checkpoints, "--config", config, "--out", out, "--device", "cpu", "-q", "--shard", f"{i}/2").exit_code == 0
+        assert gate("run", world.checkpoints, "--config", config, "--out", out, "--device", "cpu", "-q", "--shard", f"{i}/2").exit_code == 0  # a shard gives no verdict
         # As if the shards ran on GPU machines (a CUDA torch build) and the merge runs on a CPU one.
         _as_if_stored_under(out / "gate.sqlite", "torch", "2.13.0+cu126")
         raw = json.loads((out / "results.json").read_text())
@@ -104,7 +109,7 @@ def test_merge_uses_the_versions_the_shards_scored_under(world, tmp_path):
         (out / "results.json").write_text(json.dumps(raw))
     merged = tmp_path / "merged"
     args = ["merge", world.checkpoints, "--config", config, "--out", merged, "--from", shards[0], "--from", shards[1]]
-    assert gate(*args).exit_code == 0
+    assert gate(*args).exit_code == NO_CANDIDATE
     results = read_results(merged / "results.json")
     assert all(c.scores["text"].libraries["torch"] == "2.13.0+cu126" for c in results.checkpoints)
     assert results.base.scores["text"].libraries["torch"] == "2.13.0+cu126"
