@@ -67,7 +67,7 @@ def validate(policy: Policy, results: Results) -> list[str]:
         if suite not in suites:
             problems.append(f"{where}: suite {suite!r} is not in results.json (suites: {', '.join(suites)}); re-run `gate run` with it")
             continue
-        if suites[suite].type == "lm_eval":
+        if suites[suite].type in ("lm_eval", "generate"):
             available = set()
             for model in (results.base, *results.checkpoints):
                 if suite in model.tasks:
@@ -262,6 +262,9 @@ def paired(suite: str, metric: str, base: ModelResult, ckpt: ModelResult) -> Pai
             np.array([b[i].values[weight] for i in ids], dtype=float),
             transform,
         )
+    # An item that has the metric on neither side is not counted (a generate probe without that
+    # check); one side only means the two were scored differently.
+    ids = [i for i in ids if metric in b[i].values or metric in c[i].values] or ids
     missing = [i for i in ids if metric not in b[i].values or metric not in c[i].values]
     if missing:
         available = ", ".join(sorted(next(iter(b.values())).values)) if b else "none"
