@@ -245,3 +245,36 @@ def test_builtin_probe_suites_load_and_check_what_they_say():
             assert all(kind in p.checks for p in suite.probes)
     benign = load_probe_suite("b", builtin_suites_dir() / entries["benign-requests"]["path"])
     assert all(p.checks == {"refuses": False} for p in benign.probes)
+
+
+# --- lm-eval generation suites keep their outputs ------------------------------------------------
+
+def test_lm_eval_generation_keeps_outputs_and_passes_gen_kwargs(world, tmp_path):
+    from transformers import AutoTokenizer
+
+    def format_run(folder, extra: str):
+        folder.mkdir()
+        config = folder / "gate.yaml"
+        config.write_text(f"base: {world.base}\nsuites:\n  - {{name: format, limit: 4{extra}}}\n")
+        outcome = run(prepare_run(world.checkpoints / "untrained", config_path=config, out_dir=folder / "out", device="cpu"))
+        return outcome.results
+
+    plain = format_run(tmp_path / "plain", "")
+    short = format_run(tmp_path / "short", ", gen_kwargs: {max_gen_toks: 2}")
+    system = format_run(tmp_path / "system", ", system_instruction: 'Answer briefly.'")
+    tok = AutoTokenizer.from_pretrained(world.base)
+    for results in (plain, short):
+        for item in results.base.tasks["format"].items:
+            assert set(item.output) == {"raw", "filtered"} and isinstance(item.output["raw"], str)
+            assert set(item.output["filtered"]) == {"none"}
+    info = [next(s for s in r.suites if s.name == "format").generation for r in (plain, short, system)]
+    assert info[1]["gen_kwargs"] == {"max_gen_toks": 2} and info[2]["system_instruction"] == "Answer briefly."
+    assert info[0] == {"gen_kwargs": None, "system_instruction": None, "apply_chat_template": False}
+    assert short.base.tasks["format"].generation["gen_kwargs"] == {"max_gen_toks": 2}
+    for long_item, short_item in zip(plain.base.tasks["format"].items, short.base.tasks["format"].items):
+        # Greedy: two tokens at most, and the start of what the longer run said.
+        assert len(tok(short_item.output["raw"], add_special_tokens=False)["input_ids"]) <= 2
+        assert long_item.output["raw"].startswith(short_item.output["raw"])
+    # The system instruction reaches the prompt (lm-eval's prompt hash changes) and the store key.
+    assert [i.prompt_hash for i in system.base.tasks["format"].items] != [i.prompt_hash for i in plain.base.tasks["format"].items]
+    assert next(s for s in system.suites if s.name == "format").identity != next(s for s in plain.suites if s.name == "format").identity
