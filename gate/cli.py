@@ -457,6 +457,11 @@ def _print_run(outcome) -> None:
         headers = [f"{t.name} {t.metric}" for t in tasks]
         cells = {h: t.name for h, t in zip(headers, tasks)}
         _print_table("lm-eval", models, width, headers, lambda m, h: _task_cell(m, cells[h]))
+    probes = [s for s in results.suites if s.type == "generate"]
+    if probes:
+        headers = [f"{p.name} {_headline(results.base, p)}" for p in probes]
+        cells = {h: p.name for h, p in zip(headers, probes)}
+        _print_table("generation probes (means; the report shows the outputs)", models, width, headers, lambda m, h: _task_cell(m, cells[h]))
     counts = f"computed {len(outcome.computed)} model x suite score(s), reused {len(outcome.reused)} from the store"
     if outcome.skipped:
         counts += f", skipped {len(outcome.skipped)} (funnel)"
@@ -482,6 +487,11 @@ def _print_table(title: str, models, width: int, columns: list[str], cell) -> No
 
 def _perplexity_cell(model, suite: str) -> str:
     return f"{model.scores[suite].perplexity:.4f}" if suite in model.scores else "-"
+
+
+def _headline(base, suite) -> str:
+    score = base.tasks.get(suite.name)
+    return score.metric if score is not None else suite.metric or "ok"
 
 
 def _task_cell(model, suite: str) -> str:

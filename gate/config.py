@@ -14,6 +14,14 @@
         num_fewshot: 0                   # default: the task's own
         limit: null
         metric: acc                      # default: the task's first metric
+        gen_kwargs: {max_gen_toks: 64}   # generation tasks: passed to lm-eval and recorded
+        system_instruction: null         # passed to lm-eval and recorded
+      - name: probes
+        type: generate                   # greedy generation + per-item checks (gate.probes)
+        path: data/probes.jsonl
+        max_new_tokens: 128
+        system: null                     # optional system prompt
+    detectors: {abstains: [...], refuses: [...]}   # replace the English phrase lists
     funnel: {top_k: 3, by: known-good.perplexity}   # lm_eval suites only on the 3 best
     gates:                               # the policy (default: known-good must not regress > 5%)
       - {suite: known-good, metric: perplexity, max_increase: 2%}   # guardrail, relative
