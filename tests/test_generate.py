@@ -278,3 +278,21 @@ def test_lm_eval_generation_keeps_outputs_and_passes_gen_kwargs(world, tmp_path)
     # The system instruction reaches the prompt (lm-eval's prompt hash changes) and the store key.
     assert [i.prompt_hash for i in system.base.tasks["format"].items] != [i.prompt_hash for i in plain.base.tasks["format"].items]
     assert next(s for s in system.suites if s.name == "format").identity != next(s for s in plain.suites if s.name == "format").identity
+
+
+def test_outputs_travel_with_exported_scores(probe_run, tmp_path):
+    """Distributed workers and merges carry scores between stores: the outputs go with them."""
+    from gate.store import ResultsStore
+
+    folder = probe_run[2]
+    with ResultsStore(folder / "out" / "gate.sqlite") as source:
+        keys = source.keys()
+        dump = source.export(keys)
+        originals = {k: source.get_task(k) for k in keys}
+    with ResultsStore(tmp_path / "copy.sqlite") as target:
+        assert target.import_rows(dump) == len(keys)
+        for key, original in originals.items():
+            copy = target.get_task(key)
+            assert [i.output for i in copy.items] == [i.output for i in original.items]
+            assert all(i.output and i.output["text"] is not None for i in copy.items)
+            assert copy.generation == original.generation
