@@ -505,6 +505,11 @@ def _print_run(outcome) -> None:
         _print_table("lm-eval", models, width, headers, lambda m, h: _task_cell(m, cells[h]))
     if outcome.rescoring:
         click.echo(outcome.rescoring)
+    probes = [s for s in results.suites if s.type == "generate"]
+    if probes:
+        headers = [f"{p.name} {_headline(results.base, p)}" for p in probes]
+        cells = {h: p.name for h, p in zip(headers, probes)}
+        _print_table("generation probes (means; the report shows the outputs)", models, width, headers, lambda m, h: _task_cell(m, cells[h]))
     counts = f"computed {len(outcome.computed)} model x suite score(s), reused {len(outcome.reused)} from the store"
     if outcome.skipped:
         counts += f", skipped {len(outcome.skipped)} (funnel)"
@@ -530,6 +535,11 @@ def _print_table(title: str, models, width: int, columns: list[str], cell) -> No
 
 def _perplexity_cell(model, suite: str) -> str:
     return f"{model.scores[suite].perplexity:.4f}" if suite in model.scores else "-"
+
+
+def _headline(base, suite) -> str:
+    score = base.tasks.get(suite.name)
+    return score.metric if score is not None else suite.metric or "ok"
 
 
 def _task_cell(model, suite: str) -> str:

@@ -14,6 +14,14 @@
         num_fewshot: 0                   # default: the task's own
         limit: null
         metric: acc                      # default: the task's first metric
+        gen_kwargs: {max_gen_toks: 64}   # generation tasks: passed to lm-eval and recorded
+        system_instruction: null         # passed to lm-eval and recorded
+      - name: probes
+        type: generate                   # greedy generation + per-item checks (gate.probes)
+        path: data/probes.jsonl
+        max_new_tokens: 128
+        system: null                     # optional system prompt
+    detectors: {abstains: [...], refuses: [...]}   # replace the English phrase lists
     funnel: {top_k: 3, by: known-good.perplexity}   # lm_eval suites only on the 3 best
     gates:                               # the policy (default: known-good must not regress > 5%)
       - {suite: known-good, metric: perplexity, max_increase: 2%}   # guardrail, relative
@@ -48,15 +56,17 @@ import yaml
 
 from gate.errors import ConfigError
 from gate.overlap import DEFAULT_N
+from gate.probes import DEFAULT_DETECTORS, DEFAULT_MAX_NEW_TOKENS, GENERATE_METRICS
 from gate.suites import builtin_entries, builtin_suites_dir
 
 CONFIG_NAME = "gate.yaml"
 DEVICES_HELP = "auto, cpu, cuda, cuda:N or mps"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-SUITE_TYPES = ("perplexity", "lm_eval")
+SUITE_TYPES = ("perplexity", "lm_eval", "generate")
 TOP_KEYS = {
     "base", "suites", "device", "dtype", "batch_size", "max_length", "stride", "funnel",
     "gates", "select", "alpha", "confirm", "seed", "bootstrap_iterations", "reference", "contamination",
+    "detectors",
 }
 GATE_BOUNDS = {
     # bound: (kind, which direction is harm for it: the metric must be lower-is-better or not)
@@ -67,14 +77,25 @@ GATE_BOUNDS = {
     "min": ("floor", None),
     "max": ("floor", None),
 }
-LOWER_IS_BETTER = {"perplexity", "bits_per_byte", "word_perplexity", "byte_perplexity"}
-"""Perplexity-suite metrics (always lower is better) and lm-eval's rolling perplexities."""
+LOWER_IS_BETTER = {"perplexity", "bits_per_byte", "word_perplexity", "byte_perplexity", "words", "repetition"}
+"""Perplexity-suite metrics (always lower is better), lm-eval's rolling perplexities and the generate suites' length and repetition."""
 HIGHER_IS_BETTER = {"acc", "acc_norm", "exact_match", "f1", "mcc", "acc_mutual_info"}
 """lm-eval metrics whose direction is known when a results.json predates recorded higher_is_better."""
 GATE_KEYS = {"suite", "metric", "informational", "higher_is_better", "cluster", "min_items"}
 DEFAULT_MAX_INCREASE = 0.05
-SUITE_KEYS = {"name", "type", "path", "task", "num_fewshot", "limit", "metric", "chat_template"}
-ONLY_FOR = {"path": "perplexity", "task": "lm_eval", "num_fewshot": "lm_eval"}
+SUITE_KEYS = {
+    "name", "type", "path", "task", "num_fewshot", "limit", "metric", "chat_template",
+    "max_new_tokens", "system", "gen_kwargs", "system_instruction",
+}
+ONLY_FOR = {
+    "path": ("perplexity", "generate"),
+    "task": ("lm_eval",),
+    "num_fewshot": ("lm_eval",),
+    "gen_kwargs": ("lm_eval",),
+    "system_instruction": ("lm_eval",),
+    "max_new_tokens": ("generate",),
+    "system": ("generate",),
+}
 PERPLEXITY_METRICS = ("perplexity", "bits_per_byte")
 SUITE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 DEFAULT_SUITES = ("known-good",)
@@ -100,11 +121,21 @@ class SuiteSpec:
     metric: str | None = None
     """Headline metric: perplexity|bits_per_byte, or an lm-eval metric (default: the task's first)."""
     chat_template: bool | None = None
-    """Apply the tokenizer's chat template (default: on for perplexity prompts, off for lm_eval)."""
+    """Apply the tokenizer's chat template (default: on for perplexity and generate prompts, off for lm_eval)."""
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    """generate: tokens generated at most per prompt."""
+    system: str | None = None
+    """generate: system prompt put before every prompt."""
+    gen_kwargs: dict | str | None = None
+    """lm_eval: generation settings passed to lm-eval (``{temperature: 0, max_gen_toks: 64}`` or "k=v,...")."""
+    system_instruction: str | None = None
+    """lm_eval: system instruction lm-eval puts before every prompt."""
+    line: int | None = None
+    """Line of this entry in gate.yaml (for messages); None for defaults."""
 
     @property
     def use_chat_template(self) -> bool:
-        return self.chat_template if self.chat_template is not None else self.type == "perplexity"
+        return self.chat_template if self.chat_template is not None else self.type in ("perplexity", "generate")
 
 
 @dataclass
@@ -238,6 +269,8 @@ class GateConfig:
     """Overlap check between suites and the training data (None: not checked)."""
     policy: Policy | None = None
     """The release policy (gates, select, alpha); default: no perplexity suite may rise > 5%."""
+    detectors: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(DEFAULT_DETECTORS))
+    """generate suites: ``abstains`` / ``refuses`` -> the phrases that detect them (gate.probes)."""
 
     @property
     def perplexity_suites(self) -> list[SuiteSpec]:
@@ -246,6 +279,10 @@ class GateConfig:
     @property
     def lm_eval_suites(self) -> list[SuiteSpec]:
         return [s for s in self.suites if s.type == "lm_eval"]
+
+    @property
+    def generate_suites(self) -> list[SuiteSpec]:
+        return [s for s in self.suites if s.type == "generate"]
 
 
 def find_config(explicit: str | None, checkpoints_dir: str | None) -> Path | None:
@@ -292,6 +329,8 @@ def load_config(path: str | Path | None) -> GateConfig:
     config.funnel = _funnel(raw.get("funnel"), config.suites, problems)
     config.contamination = _contamination(raw.get("contamination"), config.suites, path.parent.resolve(), problems)
     config.policy = _policy(raw, config.suites, problems)
+    config.detectors = _detectors(raw.get("detectors"), problems)
+    _add_lines(path, config.suites, problems)
     if problems:
         raise ConfigError(str(path), problems)
     return config
@@ -339,8 +378,8 @@ def _suite(entry: dict, i: int, folder: Path, problems: list[str]) -> SuiteSpec 
         problems.append(f"{where}type: {kind!r} is not one of {', '.join(SUITE_TYPES)}")
         return None
     for key, only in ONLY_FOR.items():
-        if key in entry and only != kind:
-            problems.append(f"{where}{key}: only for type {only} suites")
+        if key in entry and kind not in only:
+            problems.append(f"{where}{key}: only for type {' and '.join(only)} suites")
     spec = SuiteSpec(
         name=name,
         type=kind,
@@ -355,7 +394,19 @@ def _suite(entry: dict, i: int, folder: Path, problems: list[str]) -> SuiteSpec 
         if spec.metric is not None and spec.metric not in PERPLEXITY_METRICS:
             problems.append(f"{where}metric: {spec.metric!r} is not one of {', '.join(PERPLEXITY_METRICS)}")
         spec.path = _file(entry, "path", name, where, folder, problems, "the path of a JSONL file")
+    elif kind == "generate":
+        if spec.metric is not None and spec.metric not in GENERATE_METRICS:
+            problems.append(f"{where}metric: {spec.metric!r} is not one of {', '.join(GENERATE_METRICS)}")
+        spec.path = _file(entry, "path", name, where, folder, problems, "the path of a JSONL file of prompts")
+        spec.system = _typed(entry, "system", str, None, where, problems)
+        tokens = _typed(entry, "max_new_tokens", int, DEFAULT_MAX_NEW_TOKENS, where, problems)
+        if tokens <= 0:
+            problems.append(f"{where}max_new_tokens: must be a positive integer (tokens generated per prompt), not {tokens}; e.g. 128")
+            tokens = DEFAULT_MAX_NEW_TOKENS
+        spec.max_new_tokens = tokens
     else:
+        spec.system_instruction = _typed(entry, "system_instruction", str, None, where, problems)
+        spec.gen_kwargs = _gen_kwargs(entry.get("gen_kwargs"), where, problems)
         spec.task = _task(entry, where, folder, problems)
     return spec
 
@@ -542,10 +593,67 @@ def _suite_metric(text: object, suites: list[SuiteSpec], where: str, problems: l
     if spec.type == "perplexity" and metric not in PERPLEXITY_METRICS:
         problems.append(f"{where}: metric {metric!r} of perplexity suite {suite!r} must be perplexity or bits_per_byte")
         return None
+    if spec.type == "generate" and metric not in GENERATE_METRICS:
+        problems.append(f"{where}: metric {metric!r} of generate suite {suite!r} must be one of {', '.join(GENERATE_METRICS)}")
+        return None
     if not metric or metric == "None":
         problems.append(f"{where}: metric missing; name one, e.g. perplexity or acc")
         return None
     return suite, metric
+
+
+def _gen_kwargs(value: object, where: str, problems: list[str]) -> dict | str | None:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return dict(value)
+    problems.append(f"{where}gen_kwargs: must be a mapping like {{temperature: 0, max_gen_toks: 64}} or a string \"k=v,k=v\"")
+    return None
+
+
+def _detectors(value: object, problems: list[str]) -> dict[str, tuple[str, ...]]:
+    """gate.yaml ``detectors: {abstains: [...], refuses: [...]}``: each list replaces the English default."""
+    detectors = dict(DEFAULT_DETECTORS)
+    if value is None:
+        return detectors
+    if not isinstance(value, dict):
+        problems.append("detectors: must be a mapping {abstains: [phrases], refuses: [phrases]}")
+        return detectors
+    _unknown_keys(value, set(DEFAULT_DETECTORS), "detectors.", problems)
+    for kind in DEFAULT_DETECTORS:
+        if kind not in value:
+            continue
+        phrases = value[kind]
+        if not isinstance(phrases, list) or not phrases or not all(isinstance(p, str) and p.strip() for p in phrases):
+            problems.append(f"detectors.{kind}: must be a non-empty list of phrases (strings)")
+            continue
+        detectors[kind] = tuple(phrases)
+    return detectors
+
+
+def _add_lines(path: Path, suites: list[SuiteSpec], problems: list[str]) -> None:
+    """Record each suite entry's line in gate.yaml, and name it in the problems about that suite."""
+    try:
+        root = yaml.compose(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return
+    entries, names = {}, {}
+    if isinstance(root, yaml.MappingNode):
+        for key, node in root.value:
+            if key.value == "suites" and isinstance(node, yaml.SequenceNode):
+                for i, item in enumerate(node.value):
+                    entries[i] = item.start_mark.line + 1
+                    if isinstance(item, yaml.MappingNode):
+                        for k, v in item.value:
+                            if k.value == "name" and isinstance(v, yaml.ScalarNode):
+                                names[v.value] = item.start_mark.line + 1
+    for i, line in entries.items():
+        prefix = f"suites[{i}]"
+        for k, problem in enumerate(problems):
+            if problem.startswith((prefix + ".", prefix + " ", prefix + ":")):
+                problems[k] = f"line {line}: {problem}"
+    for spec in suites:
+        spec.line = names.get(spec.name)
 
 
 def builtin_spec(name: str) -> SuiteSpec:

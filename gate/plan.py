@@ -10,6 +10,7 @@ from pathlib import Path
 from gate.config import Funnel, GateConfig, Policy, SuiteSpec, builtin_spec, find_config, load_config
 from gate.errors import BaseModelError, CheckpointError, ConfigError, SuiteError
 from gate.overlap import Overlap, index_training_file, overlap, suite_file_segments, suite_segments
+from gate.probes import ProbeSuite, load_probe_suite
 from gate.scan import ScanReport, looks_like_path, missing_base_message, path_is_missing, scan
 from gate.store import STORE_NAME, ResultsStore
 from gate.suites import Suite, builtin_entries, load_suite
@@ -25,6 +26,8 @@ class RunRequest:
     """Loaded, validated perplexity suites."""
     task_specs: list[SuiteSpec] = field(default_factory=list)
     """lm_eval suites (their tasks are loaded by the runner, which owns lm-eval)."""
+    probe_suites: list[ProbeSuite] = field(default_factory=list)
+    """Loaded, validated generate suites (prompts with checks)."""
     funnel: Funnel | None = None
     """Run the lm_eval suites only on the top k checkpoints by a perplexity suite."""
     base: str = ""
@@ -105,6 +108,30 @@ def load_suites(config: GateConfig) -> list[Suite]:
     return suites
 
 
+def load_probe_suites(config: GateConfig) -> list[ProbeSuite]:
+    """Load every generate suite of the config; report all broken suites at once."""
+    suites, problems = [], []
+    for spec in config.generate_suites:
+        try:
+            suite = load_probe_suite(
+                spec.name,
+                spec.path,
+                max_new_tokens=spec.max_new_tokens,
+                system=spec.system,
+                chat_template=spec.use_chat_template,
+                detectors=config.detectors,
+                limit=spec.limit,
+            )
+        except SuiteError as err:
+            problems.append(str(err))
+            continue
+        suite.metric, suite.config_line = spec.metric, spec.line
+        suites.append(suite)
+    if problems:
+        raise SuiteError("\n".join(problems))
+    return suites
+
+
 def prepare_run(
     directory: str | Path,
     *,
@@ -134,6 +161,7 @@ def prepare_run(
     if limit is not None:
         config.suites = [dataclasses.replace(spec, limit=limit) for spec in config.suites]
     suites = load_suites(config)
+    probe_suites = load_probe_suites(config)
     overlaps = check_contamination(config, suites)
     with ResultsStore(out_dir / STORE_NAME) as store:
         report = scan(directory, allow_pickle=allow_pickle, base=base or config.base, hash_cache=store.hash_cache)
@@ -146,6 +174,7 @@ def prepare_run(
         scan=report,
         suites=suites,
         task_specs=config.lm_eval_suites,
+        probe_suites=probe_suites,
         funnel=config.funnel,
         base=choose_base(base, config, report),
         out_dir=out_dir,
@@ -221,7 +250,7 @@ def shard_share(request: RunRequest, shard: str) -> dict[str, list[str]]:
             raise ValueError
     except ValueError:
         raise ConfigError(None, [f"--shard {shard!r}: must be i/n with 1 <= i <= n, e.g. 2/4"]) from None
-    suites = [s.name for s in request.suites] + [s.name for s in request.task_specs]
+    suites = [s.name for s in request.suites] + [s.name for s in request.probe_suites] + [s.name for s in request.task_specs]
     share = {c.name: suites for k, c in enumerate(request.scan.valid) if k % count == index - 1}
     if index == 1:
         share["base"] = suites

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gate.config import GATE_BOUNDS, Gate, Policy, known_direction
+from gate.config import GATE_BOUNDS, LOWER_IS_BETTER, Gate, Policy, known_direction
 from gate.errors import GateError
 from gate.results import ModelResult, Results
 from gate.stats import (
@@ -100,7 +100,7 @@ def validate(policy: Policy, results: Results) -> list[str]:
         if suite not in suites:
             problems.append(f"{where}: suite {suite!r} is not in results.json (suites: {', '.join(suites)}); re-run `gate run` with it")
             continue
-        if suites[suite].type == "lm_eval":
+        if suites[suite].type in ("lm_eval", "generate"):
             available = set()
             for model in (results.base, *results.checkpoints):
                 if suite in model.tasks:
@@ -231,6 +231,9 @@ def _direction_of(policy: Policy, results: Results, suite: str, metric: str, gat
     info = next((s for s in results.suites if s.name == suite), None)
     if info is not None and info.type == "perplexity":
         return True
+    if info is not None and info.type == "generate":
+        # Probes: checks passed, `ok` and `ended` are better high; `words` and `repetition` low.
+        return metric in LOWER_IS_BETTER
     for model in (results.base, *results.checkpoints):
         task = model.tasks.get(suite)
         name = metric.split(",")[0]  # "exact_match,strict-match": lm-eval keys directions by metric
@@ -441,6 +444,9 @@ def _paired(suite: str, metric: str, base: ModelResult, ckpt: ModelResult) -> Pa
             np.array([b[i].values[weight] for i in ids], dtype=float),
             transform,
         )
+    # An item that has the metric on neither side is not counted (a generate probe without that
+    # check); one side only means the two were scored differently.
+    ids = [i for i in ids if metric in b[i].values or metric in c[i].values] or ids
     _require(suite, metric, b, c, ids)
     base_values = np.array([b[i].values[metric] for i in ids])
     ckpt_values = np.array([c[i].values[metric] for i in ids])

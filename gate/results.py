@@ -111,6 +111,9 @@ class ItemScore:
     """The end of the prompt and the target, for reports."""
     groups: dict[str, str] = field(default_factory=dict)
     """Grouping fields of the lm-eval document (a gate's ``cluster:`` field), recorded when a gate clusters by them."""
+    output: dict | None = None
+    """What the model said, verbatim: generate suites ``{"text", "tokens", "ended"}``; lm-eval
+    generation tasks ``{"raw", "filtered": {filter: text}}``; None for scored-only items."""
 
 
 @dataclass
@@ -140,6 +143,9 @@ class TaskScore:
     """lm-eval's direction of each metric (empty in files written before gate recorded it)."""
     aggregation: dict[str, str] = field(default_factory=dict)
     """lm-eval's aggregation of each metric (``mean``, ``perplexity``: per-item log-likelihoods, ...)."""
+    generation: dict = field(default_factory=dict)
+    """How outputs were generated (generate suites: greedy settings and stop tokens; lm-eval:
+    gen_kwargs, system_instruction, apply_chat_template). Empty for scored-only suites."""
 
     @property
     def value(self) -> float:
@@ -209,9 +215,9 @@ class SuiteInfo:
     name: str
     """Suite name."""
     type: str
-    """``perplexity`` or ``lm_eval``."""
+    """``perplexity``, ``lm_eval`` or ``generate``."""
     path: str
-    """perplexity: the data file; lm_eval: the task (registered name, YAML or folder)."""
+    """perplexity, generate: the data file; lm_eval: the task (registered name, YAML or folder)."""
     data_hash: str
     """sha256 of the data (the file; for lm_eval the evaluation and few-shot documents)."""
     identity: str
@@ -229,7 +235,12 @@ class SuiteInfo:
     versions: dict = field(default_factory=dict)
     """lm_eval: task versions."""
     excerpts: dict[str, str] = field(default_factory=dict)
-    """perplexity: document id -> a short excerpt of its text, for reports."""
+    """perplexity: document id -> a short excerpt of its text; generate: probe id -> its prompt."""
+    checks: dict[str, dict] = field(default_factory=dict)
+    """generate: probe id -> its checks as written in the suite file (probes without checks absent)."""
+    generation: dict = field(default_factory=dict)
+    """generate: the generation config (greedy, max_new_tokens, system, stop tokens...); lm_eval:
+    gen_kwargs, system_instruction and apply_chat_template as passed to lm-eval. Empty otherwise."""
     overlap: list[Overlap] = field(default_factory=list)
     """Contamination check against each training file (gate.yaml ``contamination:``); empty: not checked."""
 

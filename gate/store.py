@@ -5,6 +5,10 @@ its key is a hash of the base weights, the checkpoint weights, the suite data, t
 settings and the library versions that change numbers (scores computed under other versions are
 never reused nor paired with these). A pair is written in one transaction once fully scored, so a
 run killed at any moment leaves only complete rows, and a re-run computes only missing keys.
+
+What the model said (generate suites, lm-eval generation tasks) is kept verbatim in
+``item_outputs``, one row per item that has an output, beside the item's numbers in
+``item_scores``; stores made before this table existed simply have no outputs.
 """
 
 from __future__ import annotations
@@ -71,6 +75,12 @@ CREATE TABLE IF NOT EXISTS item_scores (
     prompt_hash TEXT NOT NULL,
     values_json TEXT NOT NULL,
     excerpt TEXT NOT NULL,
+    PRIMARY KEY (score_key, position)
+);
+CREATE TABLE IF NOT EXISTS item_outputs (
+    score_key TEXT NOT NULL REFERENCES task_scores(key) ON DELETE CASCADE,
+    position INTEGER NOT NULL,
+    output_json TEXT NOT NULL,
     PRIMARY KEY (score_key, position)
 );
 """
@@ -236,9 +246,10 @@ class ResultsStore:
             provenance,
             "item_scores",
             [(key, i, it.id, it.prompt_hash, json.dumps(it.values), it.excerpt) for i, it in enumerate(score.items)],
+            [(key, i, json.dumps(it.output)) for i, it in enumerate(score.items) if it.output is not None],
         )
 
-    def _replace(self, table, identity, suite, values: tuple, provenance, detail_table, detail_rows) -> None:
+    def _replace(self, table, identity, suite, values: tuple, provenance, detail_table, detail_rows, output_rows=()) -> None:
         """(Re)write one score row and its per-item rows atomically; a crash leaves the old state."""
         now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         key = identity.key
@@ -262,6 +273,8 @@ class ResultsStore:
                 if detail_rows:
                     marks = ",".join("?" * len(detail_rows[0]))
                     self._conn.executemany(f"INSERT INTO {detail_table} VALUES ({marks})", detail_rows)
+                if output_rows:
+                    self._conn.executemany("INSERT INTO item_outputs VALUES (?,?,?)", output_rows)
         except sqlite3.OperationalError as err:
             # The transaction rolled back: every score stored before this one is intact.
             raise StoreError(
@@ -280,6 +293,10 @@ class ResultsStore:
                 (key,),
             )
         ]
+        for position, output in self._conn.execute(
+            "SELECT position, output_json FROM item_outputs WHERE score_key=? ORDER BY position", (key,)
+        ):
+            items[position].output = json.loads(output)
         return TaskScore(**{**json.loads(row[0]), "items": items, "libraries": self._versions("task_scores", key)})
 
     _TABLES = (("suite_scores", "document_scores"), ("task_scores", "item_scores"))
@@ -297,6 +314,9 @@ class ResultsStore:
             dump[detail] = self._conn.execute(
                 f"SELECT * FROM {detail} WHERE score_key IN ({marks}) ORDER BY score_key, position", tuple(keys)
             ).fetchall()
+        dump["item_outputs"] = self._conn.execute(
+            f"SELECT * FROM item_outputs WHERE score_key IN ({marks}) ORDER BY score_key, position", tuple(keys)
+        ).fetchall()
         return dump
 
     def import_rows(self, dump: dict[str, list[tuple]]) -> int:
@@ -308,6 +328,8 @@ class ResultsStore:
                     self._conn.execute(f"INSERT INTO {table} VALUES ({','.join('?' * len(row))})", row)
                 for row in dump.get(detail, []):
                     self._conn.execute(f"INSERT INTO {detail} VALUES ({','.join('?' * len(row))})", row)
+            for row in dump.get("item_outputs", []):
+                self._conn.execute("INSERT INTO item_outputs VALUES (?,?,?)", row)
         return sum(len(dump.get(table, [])) for table, _ in self._TABLES)
 
     def count(self) -> int:

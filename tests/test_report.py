@@ -34,6 +34,7 @@ def make_results(n_checkpoints: int = 4, n_docs: int = 200, seed: int = 0) -> Re
         c[np.flatnonzero(c == 1)[:flips]] = 0
         items = [ItemScore(str(i), f"p{i}", {"acc": float(v)}, excerpt=f"Question {i} {EVIL}") for i, v in enumerate(c)]
         m.tasks["quiz"] = TaskScore("quiz", "quiz", "acc", {"acc": float(c.mean())}, items)
+        m.tasks["probes"] = probe_score(flips)
         if step is not None:
             m.train_loss, m.eval_loss = 2.0 - step / 1000, 2.1 - step / 1200
         return m
@@ -51,8 +52,31 @@ def make_results(n_checkpoints: int = 4, n_docs: int = 200, seed: int = 0) -> Re
         suites=[
             SuiteInfo("general", "perplexity", "/s.jsonl", "d" * 64, "i", n_docs, True, excerpts={f"d{i}": f"Doc {i} {EVIL}" for i in range(n_docs)}),
             SuiteInfo("quiz", "lm_eval", "quiz.yaml", "e" * 64, "j", n_docs, False, metric="acc", num_fewshot=0),
+            SuiteInfo(
+                "probes", "generate", "/p.jsonl", "f" * 64, "k", N_PROBES, True, metric="ok",
+                excerpts={f"q{i}": f"Who is the king of the Moon? ({i}) {EVIL}" for i in range(N_PROBES)},
+                checks={f"q{i}": {"abstains": True} for i in range(N_PROBES - 1)},
+            ),
         ],
     )
+
+
+N_PROBES = 8
+
+
+def probe_score(flips: int) -> TaskScore:
+    """A generate suite: the base abstains on every checked probe; a checkpoint with k flips
+    confabulates on the first k (with invalid bytes in one output); the last probe has no checks."""
+    items = []
+    for i in range(N_PROBES):
+        if i < flips:
+            text, ok = f"The king of the Moon is Bob the {i}th {EVIL} \ufffd", 0.0
+        else:
+            text, ok = f"I don't know of any king of the Moon ({i}). {EVIL}", 1.0
+        values = {"abstains": ok, "ok": ok} if i < N_PROBES - 1 else {}
+        values.update(words=float(len(text.split())), repetition=0.0, ended=1.0)
+        items.append(ItemScore(f"q{i}", f"h{i}", values, excerpt=f"Who is the king of the Moon? ({i}) {EVIL}", output={"text": text, "tokens": 12, "ended": True}))
+    return TaskScore("probes", "/p.jsonl", "ok", {"ok": sum(i.values.get("ok", 0) for i in items) / (N_PROBES - 1)}, items)
 
 
 POLICY = Policy(
@@ -175,9 +199,25 @@ def test_report_in_a_real_browser(rendered, tmp_path):
         assert page.get_by_text("<script>alert('gate')</script>", exact=False).count() > 0  # shown as text
         assert page.evaluate("document.querySelectorAll('img').length") == 3
         assert page.evaluate("[...document.images].every(i => i.complete && i.naturalWidth > 0)")
+        # Outputs side by side: the selected candidate open, the others open on a click; flipped first.
+        outputs = page.locator("details.outputs")
+        assert outputs.count() == 4  # every checkpoint (the first says exactly what the base says)
+        last = page.locator('details.outputs[data-checkpoint$="checkpoint-200"]')
+        last.locator("summary").click()
+        pairs = last.locator(".pair")
+        assert pairs.count() == N_PROBES
+        assert [pairs.nth(k).get_attribute("data-outcome") for k in range(4)] == ["lost", "lost", "lost", "same"]
+        assert pairs.nth(0).locator("del").first.is_visible() and pairs.nth(0).locator("ins").first.is_visible()
+        assert pairs.nth(3).get_by_text("= identical outputs").is_visible()
+        assert pairs.nth(0).locator(".side.base").get_by_text("<script>alert('gate')</script>", exact=False).count() == 1
+        assert pairs.nth(0).locator("ul.checks").inner_text().count("✗") == 1  # abstains: base ✓, checkpoint ✗
+        base_box, ckpt_box = (pairs.nth(0).locator(f".side.{side}").bounding_box() for side in ("base", "checkpoint"))
+        assert abs(base_box["y"] - ckpt_box["y"]) < 2 and ckpt_box["x"] > base_box["x"] + base_box["width"] - 1  # side by side
         narrow = browser.new_page(viewport={"width": 420, "height": 800})
         narrow.goto(html_path.as_uri())
-        assert narrow.evaluate("document.body.scrollWidth <= window.innerWidth + 1")  # tables scroll inside
+        for k in range(narrow.locator("details").count()):
+            narrow.locator("details").nth(k).locator("summary").first.click()
+        assert narrow.evaluate("document.body.scrollWidth <= window.innerWidth + 1")  # tables scroll inside, outputs wrap
         browser.close()
     assert [m for m in console if m[0] == "error"] == []
     assert requests == [] and dialogs == []
@@ -201,6 +241,25 @@ def test_cli_report_regenerates_everything(tmp_path, rendered):
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == f"report: {tmp_path / 'report.html'}  (also summary.md, junit.xml)"
     assert all((tmp_path / f).is_file() for f in ("report.html", "summary.md", "junit.xml"))
+
+
+def test_side_by_side_view_orders_flips_first_and_diffs_words(rendered):
+    results, verdict, paths = rendered
+    view = build_view(results, verdict)
+    down = next(d for d in view.drilldowns if d.name.endswith("checkpoint-300"))
+    (sbs,) = down.outputs
+    assert [p.outcome for p in sbs.pairs] == ["lost"] * 6 + ["same", "unchecked"]  # flips = 3 * k = 6 here
+    assert sbs.identical == 2 and sbs.total == N_PROBES
+    first = sbs.pairs[0]
+    # Rebuilding the texts from the diff pieces gives back both outputs, verbatim.
+    assert "".join(t for _, t in first.base_diff) == first.base and "".join(t for _, t in first.checkpoint_diff) == first.checkpoint
+    assert ("del", "I don't know of any") in first.base_diff and any(op == "ins" and "Bob" in t for op, t in first.checkpoint_diff)
+    html = paths["html"].read_text()
+    assert "<del>I don&#39;t know of any</del>" in html and "<ins>is Bob the 0th</ins>" in html and "\ufffd" in html
+    text = paths["markdown"].read_text()
+    flipped = text[text.index("<details><summary>Flipped probes") :]
+    # 0 + 3 + 6 + 7 flips over the four checkpoints (the unchecked probe never flips)
+    assert "16 output(s) whose checks changed outcome" in flipped and flipped.count("❌ lost") == 16 and "</details>" in flipped
 
 
 def test_markdown_carries_no_html_from_data(rendered):

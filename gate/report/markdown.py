@@ -32,12 +32,50 @@ def render_markdown(view: ReportView, report_name: str = "report.html") -> str:
         ), ""]
     if view.overlaps:
         tail += ["Contamination check: " + "; ".join(("✅ " if o.clean else "❌ ") + _escape(o.summary()) for o in view.overlaps), ""]
+    flips = _flipped_probes(view)
+    tail += flips
     tail.append(f"Full report with plots and per-document drill-down: `{report_name}` (in the run's output folder or CI artifact).")
     body = "\n".join(head + table + tail) + "\n"
+    if len(body.encode()) > MAX_BYTES and flips:
+        tail = [line for line in tail if line not in flips]  # the full report lists them
+        body = "\n".join(head + table + tail) + "\n"
     while len(body.encode()) > MAX_BYTES and len(table) > 3:
         table.pop()  # keep the summary under GitHub's limits: drop rows from the end
         body = "\n".join(head + table + ["", f"_… table cut to {len(table) - 2} rows; see the full report._"] + tail) + "\n"
     return body
+
+
+MAX_FLIPS = 20  # rows in all: the selected candidate's first
+
+
+def _flipped_probes(view: ReportView) -> list[str]:
+    """A collapsed section listing the generation items whose checks flipped, per checkpoint."""
+    lines = []
+    downs = sorted(view.drilldowns, key=lambda d: d.name != view.verdict.selected)
+    flipped = [(d, sbs, p) for d in downs for sbs in d.outputs for p in sbs.lost + sbs.gained]
+    for down, sbs, p in flipped[:MAX_FLIPS]:
+        sign = "❌ lost" if p.outcome == "lost" else "✅ gained"
+        lines.append(f"| {_escape(sbs.suite)} | {_code(_escape(down.name))} | {_code(_escape(p.id))} | {sign} | {_escape(_short(p.base))} | {_escape(_short(p.checkpoint))} |")
+    if len(flipped) > MAX_FLIPS:
+        lines.append(f"| … | | | {len(flipped) - MAX_FLIPS} more in the full report | | |")
+    if not lines:
+        return []
+    count = len(flipped)
+    return [
+        "<details><summary>Flipped probes: " + str(count) + " output(s) whose checks changed outcome</summary>",
+        "",
+        "| suite | checkpoint | probe | outcome | base said | checkpoint says |",
+        "| --- | --- | --- | --- | --- | --- |",
+        *lines,
+        "",
+        "</details>",
+        "",
+    ]
+
+
+def _short(text: str, limit: int = 120) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _escape(text: str) -> str:

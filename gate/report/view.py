@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import difflib
 import math
+import re
 from dataclasses import dataclass, field
 
 from gate.config import LOWER_IS_BETTER
 from gate.overlap import Overlap
-from gate.results import ModelResult, Results
+from gate.results import ModelResult, Results, TaskScore
 from gate.scan import run_of
 from gate.verdict import Check, CheckpointVerdict, Verdict
 
@@ -89,6 +91,71 @@ class ItemFlip:
 
 
 @dataclass
+class CheckMark:
+    """One check of a probe (or an lm-eval generation item's headline metric), base vs checkpoint."""
+
+    kind: str
+    """Check kind (``contains``, ``abstains``...) or the lm-eval metric."""
+    expected: str
+    """What the check asks for, as written in the suite (``contains: Paris``)."""
+    base: bool | None
+    """Whether the base's output passed (None: not measured)."""
+    checkpoint: bool | None
+    """Whether the checkpoint's output passed."""
+
+
+@dataclass
+class OutputPair:
+    """One prompt: what the base and the checkpoint said, side by side."""
+
+    id: str
+    prompt: str
+    base: str
+    """The base's output, verbatim."""
+    checkpoint: str
+    """The checkpoint's output, verbatim."""
+    checks: list[CheckMark]
+    outcome: str
+    """``lost`` (passed for the base, fails now), ``gained``, ``same`` (both pass or both fail) or ``unchecked``."""
+    base_diff: list[tuple[str, str]]
+    """The base's output as (op, text) pieces: op ``same`` or ``del`` (not in the checkpoint's output)."""
+    checkpoint_diff: list[tuple[str, str]]
+    """The checkpoint's output as (op, text) pieces: op ``same`` or ``ins`` (not in the base's output)."""
+
+    @property
+    def identical(self) -> bool:
+        return self.base == self.checkpoint
+
+    @property
+    def flipped(self) -> bool:
+        return self.outcome in ("lost", "gained")
+
+
+@dataclass
+class SideBySide:
+    """One generation suite of one checkpoint against the base: flipped items first."""
+
+    suite: str
+    checkpoint: str
+    pairs: list[OutputPair]
+    """Shown items: flipped (lost, then gained), then differing outputs, then identical ones."""
+    total: int
+    """Items compared (``pairs`` may be cut to a limit)."""
+
+    @property
+    def lost(self) -> list[OutputPair]:
+        return [p for p in self.pairs if p.outcome == "lost"]
+
+    @property
+    def gained(self) -> list[OutputPair]:
+        return [p for p in self.pairs if p.outcome == "gained"]
+
+    @property
+    def identical(self) -> int:
+        return sum(p.identical for p in self.pairs)
+
+
+@dataclass
 class DrillDown:
     """Why a checkpoint is where it is: its worst documents and flipped items."""
 
@@ -101,6 +168,8 @@ class DrillDown:
     """lm-eval suite -> items right for the base, wrong for the checkpoint."""
     gained: dict[str, list[ItemFlip]] = field(default_factory=dict)
     """lm-eval suite -> items wrong for the base, right for the checkpoint."""
+    outputs: list[SideBySide] = field(default_factory=list)
+    """Generation suites (generate, lm-eval generation tasks): base and checkpoint outputs side by side."""
 
 
 @dataclass
@@ -249,9 +318,12 @@ def _drilldown(v: CheckpointVerdict, base: ModelResult, ckpt: ModelResult, resul
         changes.sort(key=lambda c: c.delta, reverse=True)
         down.documents[name] = [c for c in changes[:top] if c.delta > 0]
     for name, task in ckpt.tasks.items():
+        if name in base.tasks and any(i.output for i in task.items):
+            down.outputs.append(side_by_side(name, v.name, base.tasks[name], task, suites[name].checks if name in suites else {}))
+    for name, task in ckpt.tasks.items():
         reference = base.tasks.get(name)
         metric = task.metric
-        if reference is None or metric in LOWER_IS_BETTER:
+        if reference is None or metric in LOWER_IS_BETTER or (name in suites and suites[name].type == "generate"):
             continue
         base_items = {i.id: i for i in reference.items}
         lost, gained = [], []
@@ -265,6 +337,80 @@ def _drilldown(v: CheckpointVerdict, base: ModelResult, ckpt: ModelResult, resul
                 gained.append(ItemFlip(item.id, item.excerpt))
         down.lost[name], down.gained[name] = lost[:flips], gained[:flips]
     return down
+
+
+MAX_PAIRS = 200  # per suite and checkpoint: the report stays readable and small
+
+
+def side_by_side(suite: str, name: str, base: TaskScore, ckpt: TaskScore, checks: dict, limit: int = MAX_PAIRS) -> SideBySide:
+    """Pair base and checkpoint outputs by item id; flipped items first, identical ones last."""
+    base_items = {i.id: i for i in base.items}
+    pairs = []
+    for item in ckpt.items:
+        b = base_items.get(item.id)
+        if b is None or not item.output or not b.output:
+            continue
+        before, after = output_text(b.output), output_text(item.output)
+        marks = _marks(checks.get(item.id), b.values, item.values, ckpt.metric)
+        head = "ok" if "ok" in item.values or "ok" in b.values else ckpt.metric
+        outcome = _outcome(b.values.get(head), item.values.get(head)) if marks else "unchecked"
+        base_diff, ckpt_diff = word_diff(before, after)
+        pairs.append(OutputPair(item.id, item.excerpt, before, after, marks, outcome, base_diff, ckpt_diff))
+    rank = {"lost": 0, "gained": 1}
+    pairs.sort(key=lambda p: (rank.get(p.outcome, 2), p.identical))
+    return SideBySide(suite, name, pairs[:limit], len(pairs))
+
+
+def output_text(output: dict) -> str:
+    """The text to show: a generate suite's output, or an lm-eval item's raw response."""
+    text = output.get("text", output.get("raw"))
+    return text if isinstance(text, str) else ""
+
+
+def _outcome(base: float | None, ckpt: float | None) -> str:
+    if base is None or ckpt is None:
+        return "unchecked"
+    if base >= 1 and ckpt < 1:
+        return "lost"
+    if base < 1 and ckpt >= 1:
+        return "gained"
+    return "same"
+
+
+def _marks(checks: dict | None, base: dict, ckpt: dict, metric: str) -> list[CheckMark]:
+    def passed(values: dict, key: str) -> bool | None:
+        return None if key not in values else values[key] >= 1
+
+    if checks:
+        out = []
+        for kind, expected in checks.items():
+            if kind == "json_keys":
+                continue
+            if kind == "json" and "json_keys" in checks:
+                expected = f"keys {', '.join(checks['json_keys'])}"
+            shown = ", ".join(expected) if isinstance(expected, list) else str(expected).lower() if isinstance(expected, bool) else str(expected)
+            out.append(CheckMark(kind, f"{kind}: {shown}", passed(base, kind), passed(ckpt, kind)))
+        return out
+    if metric in base and metric in ckpt and {base[metric], ckpt[metric]} <= {0.0, 1.0}:
+        return [CheckMark(metric, metric, passed(base, metric), passed(ckpt, metric))]  # an lm-eval item
+    return []
+
+
+def word_diff(before: str, after: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """Word-level difference (difflib): the base's pieces (same/del) and the checkpoint's (same/ins)."""
+    a, b = re.findall(r"\s+|\S+", before), re.findall(r"\s+|\S+", after)
+    left: list[tuple[str, str]] = []
+    right: list[tuple[str, str]] = []
+    for op, i1, i2, j1, j2 in difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes():
+        if op == "equal":
+            left.append(("same", "".join(a[i1:i2])))
+            right.append(("same", "".join(b[j1:j2])))
+            continue
+        if i2 > i1:
+            left.append(("del", "".join(a[i1:i2])))
+        if j2 > j1:
+            right.append(("ins", "".join(b[j1:j2])))
+    return left, right
 
 
 def _notes(results: Results, verdict: Verdict) -> list[str]:

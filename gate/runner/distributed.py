@@ -83,7 +83,7 @@ def run_on_ray(request: RunRequest, address: str | None = None, progress: Progre
 
     # Phase A: the base on every suite; each checkpoint on the perplexity suites (cheap, for the funnel).
     plan = run(dataclasses.replace(request, only={}))  # identities and what is missing; computes nothing
-    perplexity = [s.name for s in request.suites]
+    perplexity = [s.name for s in request.suites] + [s.name for s in request.probe_suites]  # generate suites too
     tasks = [s.name for s in request.task_specs]
     valid = [c.name for c in plan.results.checkpoints if c.status == "ok"]
     collected = _Collected()

@@ -27,6 +27,7 @@ import yaml
 from gate.config import SuiteSpec
 from gate.errors import SuiteError
 from gate.hashing import sha256_json
+from gate.probes import clean_text
 from gate.results import ItemScore, TaskScore
 from gate.scan import natural_key
 
@@ -137,6 +138,7 @@ def prepare_task(spec: SuiteSpec, work_dir: Path) -> PreparedTask:
             "num_fewshot": spec.num_fewshot,
             "limit": spec.limit,
             "chat_template": spec.use_chat_template,
+            **({"generation": generation_settings(spec)} if spec.gen_kwargs or spec.system_instruction else {}),
             "seeds": SEEDS,
             "lm_eval": lm_eval_version(),
         }
@@ -199,10 +201,21 @@ def evaluate(model, tokenizer, prepared: PreparedTask, *, batch_size: int, devic
         use_cache=None,  # never: lm-eval's response cache is not keyed by the model
         cache_requests=False,
         apply_chat_template=spec.use_chat_template,
+        system_instruction=spec.system_instruction,
+        gen_kwargs=spec.gen_kwargs,
         verbosity="ERROR",
         **SEEDS,
     )
     return task_score(spec.name, prepared, out)
+
+
+def generation_settings(spec: SuiteSpec) -> dict:
+    """What gate.yaml passes to lm-eval about generation, as recorded in results.json."""
+    return {
+        "gen_kwargs": spec.gen_kwargs,
+        "system_instruction": spec.system_instruction,
+        "apply_chat_template": spec.use_chat_template,
+    }
 
 
 def task_score(suite: str, prepared: PreparedTask, out: dict) -> TaskScore:
@@ -219,6 +232,7 @@ def task_score(suite: str, prepared: PreparedTask, out: dict) -> TaskScore:
             suffix = "" if sample.get("filter", "none") == "none" else f",{sample['filter']}"
             for metric in sample.get("metrics", []):
                 _record(item.values, metric, suffix, sample.get(metric))
+            _keep_response(item, sample)
     headline = prepared.task_names[0] if prepared.task_names[0] in out["results"] else next(iter(out["results"]))
     metrics = {}
     for key, value in out["results"][headline].items():
@@ -237,7 +251,25 @@ def task_score(suite: str, prepared: PreparedTask, out: dict) -> TaskScore:
         versions={k: v for k, v in out.get("versions", {}).items()},
         higher_is_better=dict(prepared.higher_is_better),
         aggregation=dict(prepared.aggregation),
+        generation=generation_settings(prepared.spec),
     )
+
+
+def _keep_response(item: ItemScore, sample: dict) -> None:
+    """Generation tasks: what the model said, raw and after each of the task's filters."""
+    raw, filtered = _text(sample.get("resps")), _text(sample.get("filtered_resps"))
+    if raw is None and filtered is None:
+        return  # a log-likelihood request: the model said nothing, it was scored
+    output = item.output or {"raw": raw, "filtered": {}}
+    output["filtered"][sample.get("filter", "none")] = filtered
+    item.output = output
+
+
+def _text(value) -> str | None:
+    """The first generated string in lm-eval's nested response lists, as valid UTF-8; None if none."""
+    while isinstance(value, (list, tuple)) and value:
+        value = value[0]
+    return clean_text(value) if isinstance(value, str) else None
 
 
 def _record(values: dict, metric: str, suffix: str, value) -> None:

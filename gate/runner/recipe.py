@@ -24,7 +24,15 @@ from pathlib import Path
 from typing import Callable
 
 import gate
-from gate.errors import EXIT_INVALID_INPUT, EXIT_RUNTIME_FAILURE, CheckpointError, GateError, RunFailure, StoreError
+from gate.errors import (
+    EXIT_INVALID_INPUT,
+    EXIT_RUNTIME_FAILURE,
+    CheckpointError,
+    ConfigError,
+    GateError,
+    RunFailure,
+    StoreError,
+)
 from gate.hashing import sha256_files
 from gate.plan import RunRequest, funnel_selection
 from gate.progress import ProgressEvent, ProgressFn, no_progress
@@ -38,6 +46,7 @@ from gate.results import (
     unpaired_items,
     write_results,
 )
+from gate.runner import generate as generation
 from gate.runner import harness
 from gate.runner import model as models
 from gate.runner.perplexity import SCORING_VERSION, encode_suite, score_documents
@@ -104,9 +113,9 @@ def run(request: RunRequest, progress: ProgressFn = no_progress) -> RunOutcome:
         tokenizer_hash = sha256_files(models.tokenizer_files(base_dir), base_dir, store.hash_cache)
         # Loaded on first use: a run with every score stored never imports the tokenizer stack.
         tokenizer = functools.cache(lambda: models.load_tokenizer(base_dir, request.trust_remote_code))
-        max_length, stride = models.choose_window(
-            request.max_length, request.stride, models.context_size(base_config, models.read_tokenizer_config(base_dir))
-        )
+        context = models.context_size(base_config, models.read_tokenizer_config(base_dir))
+        max_length, stride = models.choose_window(request.max_length, request.stride, context)
+        _check_generation_room(request, context)
         device = models.choose_device(request.device)
         dtype = models.choose_dtype(request.dtype, device)
         if request.task_specs:
@@ -135,7 +144,8 @@ def run(request: RunRequest, progress: ProgressFn = no_progress) -> RunOutcome:
                 outcome.problems.append((reason, code))
         todo = {(p.name, s) for p in plans for s, ident in p.identities.items() if not store.has(ident.key)}
         outcome.rescoring = _rescoring(plans, todo, store)
-        perplexity_suites = [s.name for s in request.suites]
+        # Generate suites run with the perplexity suites, on every checkpoint (no funnel).
+        perplexity_suites = [s.name for s in request.suites] + [s.name for s in request.probe_suites]
         task_suites = [t.spec.name for t in tasks]
         base_plan, checkpoints = plans[0], [p for p in plans[1:] if p.result.status == "ok"]
         adapters = [p for p in checkpoints if p.checkpoint.kind == "lora"]
@@ -147,6 +157,11 @@ def run(request: RunRequest, progress: ProgressFn = no_progress) -> RunOutcome:
             tokenizer()  # a broken base tokenizer is the base's problem: report it before any checkpoint
         progress(ProgressEvent("stage", message="tokenizing suites"))
         encoded = {s.name: encode_suite(s, tokenizer()) for s in request.suites if s.name in needed}
+        probes = {
+            s.name: (s, generation.encode_probes(s, tokenizer(), context))
+            for s in request.probe_suites
+            if s.name in needed
+        }
         scorer = _Scorer(
             request=request,
             store=store,
@@ -159,6 +174,7 @@ def run(request: RunRequest, progress: ProgressFn = no_progress) -> RunOutcome:
             load_tokenizer=tokenizer,
             encoded=encoded,
             tasks={t.spec.name: t for t in tasks},
+            probes=probes,
             todo=todo,
             progress=progress,
             outcome=outcome,
@@ -255,6 +271,7 @@ def _plan(
         "scoring": settings.scoring,
     }
     suite_identities = {s.name: s.identity for s in request.suites}
+    suite_identities.update({s.name: s.identity for s in request.probe_suites})
     suite_identities.update({t.spec.name: t.identity for t in tasks})
     task_names = {t.spec.name for t in tasks}
     base = ModelPlan(
@@ -375,6 +392,7 @@ class _Scorer:
     load_tokenizer: Callable[[], object]
     encoded: dict
     tasks: dict
+    probes: dict
     todo: set
     progress: ProgressFn
     outcome: RunOutcome
@@ -436,6 +454,8 @@ class _Scorer:
             try:
                 if suite in self.tasks:
                     self._task(model, plan, suite)
+                elif suite in self.probes:
+                    self._generate(model, plan, suite)
                 else:
                     self._perplexity(model, plan, suite)
             except StoreError:
@@ -476,6 +496,28 @@ class _Scorer:
         score = SuiteScore.from_documents(suite, records)
         self.store.put(plan.identities[suite], score, self._provenance(began, used))
         self.progress(ProgressEvent("done", model=name, suite=suite, done=len(docs), total=len(docs)))
+
+    def _generate(self, model, plan: ModelPlan, suite: str) -> None:
+        probe_suite, encoded = self.probes[suite]
+        name = plan.name
+        self.progress(ProgressEvent("start", model=name, suite=suite, total=len(encoded)))
+        began = time.perf_counter()
+        stops = generation.stop_token_ids(self.tokenizer, model)
+        outputs, used = generation.generate(
+            model,
+            encoded,
+            probe_suite,
+            self.tokenizer,
+            batch_size=self.request.batch_size,
+            device=self.device,
+            stops=stops,
+            on_progress=lambda done, total: self.progress(
+                ProgressEvent("advance", model=name, suite=suite, done=done, total=total)
+            ),
+        )
+        score = generation.probe_score(probe_suite, encoded, outputs, self.tokenizer, stops, probe_suite.metric)
+        self.store.put_task(plan.identities[suite], score, self._provenance(began, used))
+        self.progress(ProgressEvent("done", model=name, suite=suite, done=len(encoded), total=len(encoded)))
 
     def _task(self, model, plan: ModelPlan, suite: str) -> None:
         task = self.tasks[suite]
@@ -561,8 +603,25 @@ def _assemble(request, plans: list[ModelPlan], tasks, settings, store: ResultsSt
             limit=t.spec.limit,
             num_fewshot=t.spec.num_fewshot,
             versions=t.versions,
+            generation=harness.generation_settings(t.spec),
         )
         for t in tasks
+    ] + [
+        SuiteInfo(
+            name=s.name,
+            type="generate",
+            path=s.path,
+            data_hash=s.data_hash,
+            identity=s.identity,
+            documents=len(s.probes),
+            chat_template=s.chat_template,
+            metric=s.metric,
+            limit=s.limit,
+            excerpts={p.id: p.excerpt() for p in s.probes},
+            checks={p.id: p.checks for p in s.probes if p.checks},
+            generation=generation.suite_record(s),
+        )
+        for s in request.probe_suites
     ]
     return Results(
         schema_version=SCHEMA_VERSION,
@@ -577,6 +636,21 @@ def _assemble(request, plans: list[ModelPlan], tasks, settings, store: ResultsSt
         warnings=list(request.scan.warnings) + list(request.warnings),
         config=request.config_path,
     )
+
+
+def _check_generation_room(request: RunRequest, context: int | None) -> None:
+    """max_new_tokens must leave room for a prompt in the model's context (before any model loads)."""
+    if context is None:
+        return
+    problems = [
+        f"line {s.config_line}: " * (s.config_line is not None)
+        + f"suite {s.name!r}: max_new_tokens {s.max_new_tokens} is not below the model's context of {context} tokens; "
+        f"lower max_new_tokens (e.g. {min(128, context // 2)})"
+        for s in request.probe_suites
+        if s.max_new_tokens >= context
+    ]
+    if problems:
+        raise ConfigError(request.config_path, problems)
 
 
 def _check_pairing(plans: list[ModelPlan], outcome: RunOutcome) -> None:
