@@ -271,7 +271,8 @@ def test_markdown_carries_no_html_from_data(rendered):
 def test_reports_show_mde_items_needed_and_the_chance_to_pass(rendered):
     results, verdict, paths = rendered
     view = build_view(results, verdict)
-    checks = [c for v in verdict.checkpoints for c in v.checks if c.suite == "quiz"]
+    every = [c for v in verdict.checkpoints for c in v.checks if c.suite == "quiz"]
+    checks = [c for c in every if c.outcome != "fail"] or every  # a failed check needed no more items
     (quiz,) = [s for s in view.sizing if s.title.startswith("quiz.acc")]
     assert quiz.needed == max(c.items_needed for c in checks) and quiz.items == 200
     assert quiz.mde == f"{max(c.mde for c in checks):.3g}"
@@ -279,3 +280,21 @@ def test_reports_show_mde_items_needed_and_the_chance_to_pass(rendered):
     assert 'id="sizing"' in html and f"alpha / K = {0.05 / 4:.3g}" in html
     assert "Chance every gate passes, per checkpoint" in html
     assert f"{quiz.needed} items needed (200 scored)" in paths["markdown"].read_text()
+
+
+def test_sizing_leaves_out_checks_that_failed():
+    """A checkpoint far beyond the margin fails at any size: its spread must not make the suite look too small."""
+    from gate.report.view import sizing
+    from gate.verdict import Check, CheckpointVerdict, Verdict
+
+    def check(outcome, mde, needed):
+        return Check("s", "perplexity", "guardrail", "max_increase", 0.05, True, False, outcome, "", mde=mde, items_needed=needed, units=30)
+
+    def verdict(*checks):
+        cps = [CheckpointVerdict(f"c{i}", i, c.outcome, "", checks=[c]) for i, c in enumerate(checks)]
+        return Verdict(2, None, "no_candidate", "", 0.05, {"family": len(cps)}, cps)
+
+    (row,) = sizing(verdict(check("pass", 0.02, 12), check("inconclusive", 0.04, 80), check("fail", 2.8, 96000)))
+    assert (row.mde, row.needed, row.items) == ("4.00%", 80, 30)
+    (row,) = sizing(verdict(check("fail", 2.8, 96000), check("fail", 1.5, 500)))  # all failed: from them all
+    assert (row.mde, row.needed) == ("280.00%", 96000)

@@ -226,10 +226,16 @@ def build_view(results: Results, verdict: Verdict, top: int = 5, flips: int = 10
 
 
 def sizing(verdict: Verdict, columns: list[Column] | None = None) -> list[Sizing]:
-    """Per gate, the largest MDE and items needed over the checkpoints (the suite must serve them all)."""
+    """Per gate, the largest MDE and items needed over the checkpoints (the suite must serve them all).
+
+    A check that failed needed no more items (its change is established beyond the margin), and a
+    far-gone checkpoint's spread says nothing about what the suite needs to judge the others: the
+    figures come from the checks that did not fail, and only when every check failed from them all.
+    """
     out = []
     for column in columns if columns is not None else _columns(verdict):
-        checks = [c for v in verdict.checkpoints for c in v.checks if _key(c) == column.key and c.mde is not None]
+        every = [c for v in verdict.checkpoints for c in v.checks if _key(c) == column.key and c.mde is not None]
+        checks = [c for c in every if c.outcome != "fail"] or every
         if not checks:
             continue
         mde = max(c.mde for c in checks)
