@@ -460,7 +460,7 @@ def _print_sizing(verdict) -> None:
     click.echo(f"sizing (80% power at alpha / {family} = {verdict.alpha / family:.3g}):")
     for s in rows:
         needed = "no size can settle it (the change observed sits on the threshold)" if s.needed is None else f"about {s.needed} needed"
-        short = "  TOO SMALL" if s.needed is not None and s.needed > s.items else ""
+        short = "  TOO SMALL" if s.short else ""
         click.echo(f"  {s.title}: MDE {s.mde}; {s.items} items, {needed}{short}")
     chances = [(v.name, v.p_all_pass) for v in verdict.checkpoints if v.p_all_pass is not None]
     if chances:

@@ -295,6 +295,8 @@ def test_sizing_leaves_out_checks_that_failed():
         return Verdict(2, None, "no_candidate", "", 0.05, {"family": len(cps)}, cps)
 
     (row,) = sizing(verdict(check("pass", 0.02, 12), check("inconclusive", 0.04, 80), check("fail", 2.8, 96000)))
-    assert (row.mde, row.needed, row.items) == ("4.00%", 80, 30)
+    assert (row.mde, row.needed, row.items, row.short) == ("4.00%", 80, 30, True)
+    (row,) = sizing(verdict(check("pass", 0.02, 12), check("pass", 0.04, 80)))  # decided: not too small
+    assert (row.needed, row.short) == (80, False)
     (row,) = sizing(verdict(check("fail", 2.8, 96000), check("fail", 1.5, 500)))  # all failed: from them all
     assert (row.mde, row.needed) == ("280.00%", 96000)

@@ -184,6 +184,8 @@ class Sizing:
     """Paired items (or clusters) the suite has."""
     needed: int | None
     """Items (clusters) needed for 80% power at the family's level; None: no size can (true effect on the threshold)."""
+    short: bool = False
+    """Some checkpoint's check of this gate is inconclusive and the suite has fewer items than needed."""
 
 
 @dataclass
@@ -242,7 +244,9 @@ def sizing(verdict: Verdict, columns: list[Column] | None = None) -> list[Sizing
         needed = [c.items_needed for c in checks]
         worst = None if any(n is None for n in needed) else max(needed)
         text = f"{mde * 100:.2f}%" if column.relative else f"{mde:.3g}"
-        out.append(Sizing(column.title, text, max(c.units for c in checks), worst))
+        items = max(c.units for c in checks)
+        short = worst is not None and worst > items and any(c.outcome == "inconclusive" for c in checks)
+        out.append(Sizing(column.title, text, items, worst, short))
     return out
 
 
