@@ -1,4 +1,4 @@
-"""`gate demo` end to end on the real SmolLM2 base, at reduced size (shorter runs, 20 documents per suite)."""
+"""`gate demo` end to end on the real SmolLM2 base, at reduced size (shorter training runs)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,12 @@ from click.testing import CliRunner
 
 from gate.cli import main
 from gate.runner.demo import GGUF_DIST, demo_plans
+
+
+# Documents per suite: every suite whole (arith, the largest, has 100 items). The guardrails need
+# their items to certify anything at the family's level: at 20 or 50 items arith's `max_drop: 0.1`
+# stays inconclusive even when base and checkpoint agree on every item, and nothing may ship.
+LIMIT = "100"
 
 
 def _require_smollm2():
@@ -36,7 +42,7 @@ def test_reduced_plans_keep_the_shape_of_the_full_demo():
 def test_demo_rejects_the_forgetting_run_and_picks_the_healthy_one(tmp_path):
     _require_smollm2()
     runner = CliRunner()
-    args = ["demo", "--dir", str(tmp_path / "demo"), "--out", str(tmp_path / "out"), "--size", "0.15", "--limit", "20", "-q"]
+    args = ["demo", "--dir", str(tmp_path / "demo"), "--out", str(tmp_path / "out"), "--size", "0.15", "--limit", LIMIT, "-q"]
     result = runner.invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "Traceback" not in result.output
@@ -65,7 +71,7 @@ def test_demo_rejects_the_forgetting_run_and_picks_the_healthy_one(tmp_path):
     checked = {s["name"]: s["overlap"] for s in results["suites"] if s["overlap"]}
     assert set(checked) == {"known-good", "chat-known-good"}
     assert all(o["contaminated"] == {} for found in checked.values() for o in found)
-    assert "none of 20 documents shares 8 consecutive words with triage-train.jsonl" in (tmp_path / "out" / "report.html").read_text()
+    assert "none of 24 documents shares 8 consecutive words with triage-train.jsonl" in (tmp_path / "out" / "report.html").read_text()
 
     # Everything is cached: the second demo trains nothing and scores nothing.
     stamp = (tmp_path / "demo" / "checkpoints" / "run-healthy" / "checkpoint-2" / "adapter_model.safetensors").stat().st_mtime_ns
