@@ -57,6 +57,7 @@ SUITE_TYPES = ("perplexity", "lm_eval")
 TOP_KEYS = {
     "base", "suites", "device", "dtype", "batch_size", "max_length", "stride", "funnel",
     "gates", "select", "alpha", "confirm", "seed", "bootstrap_iterations", "reference", "contamination",
+    "drift", "drift_k",
 }
 GATE_BOUNDS = {
     # bound: (kind, which direction is harm for it: the metric must be lower-is-better or not)
@@ -67,10 +68,12 @@ GATE_BOUNDS = {
     "min": ("floor", None),
     "max": ("floor", None),
 }
-LOWER_IS_BETTER = {"perplexity", "bits_per_byte", "word_perplexity", "byte_perplexity"}
+LOWER_IS_BETTER = {"perplexity", "bits_per_byte", "word_perplexity", "byte_perplexity", "kl"}
+DRIFT_METRICS = ("kl", "top1")  # of perplexity suites with drift on; gated as floors (min/max) only
+DEFAULT_DRIFT_K = 32
 DEFAULT_MAX_INCREASE = 0.05
-SUITE_KEYS = {"name", "type", "path", "task", "num_fewshot", "limit", "metric", "chat_template"}
-ONLY_FOR = {"path": "perplexity", "task": "lm_eval", "num_fewshot": "lm_eval"}
+SUITE_KEYS = {"name", "type", "path", "task", "num_fewshot", "limit", "metric", "chat_template", "drift", "drift_k"}
+ONLY_FOR = {"path": "perplexity", "task": "lm_eval", "num_fewshot": "lm_eval", "drift": "perplexity", "drift_k": "perplexity"}
 PERPLEXITY_METRICS = ("perplexity", "bits_per_byte")
 SUITE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 DEFAULT_SUITES = ("known-good",)
@@ -97,6 +100,9 @@ class SuiteSpec:
     """Headline metric: perplexity|bits_per_byte, or an lm-eval metric (default: the task's first)."""
     chat_template: bool | None = None
     """Apply the tokenizer's chat template (default: on for perplexity prompts, off for lm_eval)."""
+    drift_k: int | None = None
+    """perplexity: measure drift from the base (KL, top-1 agreement) with a top-k reference of this
+    size; None: off (``drift: true`` here or at the top of gate.yaml turns it on, default k 32)."""
 
     @property
     def use_chat_template(self) -> bool:
@@ -263,6 +269,7 @@ def load_config(path: str | Path | None) -> GateConfig:
     config.max_length = _positive_int(raw, "max_length", None, "", problems)
     config.stride = _positive_int(raw, "stride", None, "", problems)
     config.suites = _suites(raw.get("suites"), path.parent.resolve(), problems)
+    _drift(raw, config.suites, problems)
     config.funnel = _funnel(raw.get("funnel"), config.suites, problems)
     config.contamination = _contamination(raw.get("contamination"), config.suites, path.parent.resolve(), problems)
     config.policy = _policy(raw, config.suites, problems)
@@ -315,6 +322,8 @@ def _suite(entry: dict, i: int, folder: Path, problems: list[str]) -> SuiteSpec 
     for key, only in ONLY_FOR.items():
         if key in entry and only != kind:
             problems.append(f"{where}{key}: only for type {only} suites")
+    drift = _typed(entry, "drift", bool, None, where, problems)
+    drift_k = _typed(entry, "drift_k", int, None, where, problems)
     spec = SuiteSpec(
         name=name,
         type=kind,
@@ -323,6 +332,8 @@ def _suite(entry: dict, i: int, folder: Path, problems: list[str]) -> SuiteSpec 
         metric=_typed(entry, "metric", str, None, where, problems),
         chat_template=_typed(entry, "chat_template", bool, None, where, problems),
     )
+    if kind == "perplexity":
+        spec.drift_k = _drift_k(drift, drift_k, where, problems)
     if spec.num_fewshot is not None and spec.num_fewshot < 0:
         problems.append(f"{where}num_fewshot: must be 0 or more, not {spec.num_fewshot}")
     if kind == "perplexity":
@@ -332,6 +343,32 @@ def _suite(entry: dict, i: int, folder: Path, problems: list[str]) -> SuiteSpec 
     else:
         spec.task = _task(entry, where, folder, problems)
     return spec
+
+
+def _drift_k(drift: bool | None, k: int | None, where: str, problems: list[str]) -> int | None:
+    """A suite's drift setting: None (off), or the top-k size; drift_k alone turns drift on."""
+    if k is not None and k < 1:
+        problems.append(f"{where}drift_k: must be at least 1 (the size of the base's top-k reference), not {k}")
+        return None
+    if drift is False:
+        return None
+    return k if k is not None else (DEFAULT_DRIFT_K if drift else None)
+
+
+def _drift(raw: dict, suites: list[SuiteSpec], problems: list[str]) -> None:
+    """Top-level ``drift: true`` / ``drift_k``: the default for every perplexity suite that sets neither."""
+    drift = _typed(raw, "drift", bool, None, "", problems)
+    k = _typed(raw, "drift_k", int, None, "", problems)
+    if k is not None and k < 1:
+        problems.append(f"drift_k: must be at least 1 (the size of the base's top-k reference), not {k}")
+        return
+    if drift is False or (drift is None and k is None):
+        return
+    entries = raw.get("suites") if isinstance(raw.get("suites"), list) else []
+    off = {e.get("name") for e in entries if isinstance(e, dict) and e.get("drift") is False}
+    for spec in suites:
+        if spec.type == "perplexity" and spec.drift_k is None and spec.name not in off:
+            spec.drift_k = k or DEFAULT_DRIFT_K
 
 
 def _file(entry: dict, key: str, name: str, where: str, folder: Path, problems: list[str], what: str) -> str:
@@ -466,6 +503,10 @@ def _gates(value: object, suites: list[SuiteSpec], problems: list[str]) -> list[
         if suite_metric is None or margin is None:
             continue
         gate = Gate(suite_metric[0], suite_metric[1], bound, margin, relative, informational)
+        if gate.metric in DRIFT_METRICS and gate.kind != "floor":
+            limit = "max: 0.05" if gate.metric == "kl" else "min: 0.9"
+            problems.append(f"{where}.{bound}: {gate.metric} is the checkpoint's drift from the base; gate it as a floor, e.g. {limit}")
+            continue
         wants_lower = GATE_BOUNDS[bound][1]
         if wants_lower is not None and wants_lower != gate.lower_is_better:
             better = "lower" if gate.lower_is_better else "higher"
@@ -502,8 +543,17 @@ def _suite_metric(text: object, suites: list[SuiteSpec], where: str, problems: l
         names = ", ".join(s.name for s in suites)
         problems.append(f"{where}: suite {suite!r} is not configured (suites: {names})")
         return None
-    if spec.type == "perplexity" and metric not in PERPLEXITY_METRICS:
-        problems.append(f"{where}: metric {metric!r} of perplexity suite {suite!r} must be perplexity or bits_per_byte")
+    if spec.type == "perplexity" and metric in DRIFT_METRICS and spec.drift_k is None:
+        problems.append(
+            f"{where}: metric {metric!r} is drift from the base, and suite {suite!r} does not measure it; add "
+            "`drift: true` to the suite (or at the top of gate.yaml)"
+        )
+        return None
+    if spec.type == "perplexity" and metric not in PERPLEXITY_METRICS + DRIFT_METRICS:
+        problems.append(
+            f"{where}: metric {metric!r} of perplexity suite {suite!r} must be perplexity or bits_per_byte "
+            "(or kl / top1 with drift on)"
+        )
         return None
     if not metric or metric == "None":
         problems.append(f"{where}: metric missing; name one, e.g. perplexity or acc")

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gate.config import LOWER_IS_BETTER, Gate, Policy
+from gate.config import DRIFT_METRICS, LOWER_IS_BETTER, Gate, Policy
 from gate.errors import GateError
 from gate.results import ModelResult, Results
 from gate.stats import BinomialValue, PairedBinary, PairedBootstrap, ValueBootstrap, holm, minimum_detectable_effect, ratio_value
@@ -66,6 +66,9 @@ def validate(policy: Policy, results: Results) -> list[str]:
     for where, suite, metric in named:
         if suite not in suites:
             problems.append(f"{where}: suite {suite!r} is not in results.json (suites: {', '.join(suites)}); re-run `gate run` with it")
+            continue
+        if metric in DRIFT_METRICS and suites[suite].type == "perplexity" and suites[suite].drift_k is None:
+            problems.append(f"{where}: suite {suite!r} was scored without drift, so it has no {metric!r}; add `drift: true` to it and re-run `gate run`")
             continue
         if suites[suite].type == "lm_eval":
             available = set()
@@ -188,6 +191,8 @@ def _check(policy: Policy, gate: Gate, ref: Reference, ckpt: ModelResult, rng, p
     check.p_fail = test.p_above(threshold) if wants_below else test.p_below(threshold)
     check.base_value, check.value = estimate.base, estimate.value
     check.delta = estimate.value - estimate.base
+    if gate.kind == "floor" and not math.isfinite(estimate.base):
+        check.base_value = check.delta = None  # a floor has no base value (and JSON has no NaN)
     check.effect, check.low, check.high = estimate.effect, estimate.low, estimate.high
     check.mcnemar_p, check.n, check.method = estimate.mcnemar_p, estimate.n, estimate.method
     if gate.kind != "floor":
@@ -234,6 +239,8 @@ def paired(suite: str, metric: str, base: ModelResult, ckpt: ModelResult) -> Pai
         b = {d.id: d for d in base.scores[suite].documents}
         c = {d.id: d for d in ckpt.scores[suite].documents}
         ids = _same_ids(suite, b, c)
+        if metric in DRIFT_METRICS:
+            return _drift_paired(suite, metric, ckpt, ids, c)
         weight = "tokens" if metric == "perplexity" else "bytes"
         for i in ids:
             if b[i].tokens != c[i].tokens:
@@ -270,6 +277,15 @@ def paired(suite: str, metric: str, base: ModelResult, ckpt: ModelResult) -> Pai
     ckpt_values = np.array([c[i].values[metric] for i in ids])
     binary = np.isin(base_values, (0.0, 1.0)).all() and np.isin(ckpt_values, (0.0, 1.0)).all()
     return Paired(ids, base_values, ckpt_values, np.ones(len(ids)), "binary" if binary else "identity")
+
+
+def _drift_paired(suite: str, metric: str, ckpt: ModelResult, ids: list[str], docs: dict) -> Paired:
+    """Drift is the checkpoint's own number (against the base, measured once): kl = sum kl_sum / sum tokens,
+    top1 = sum top1_matches / sum tokens, each a ratio of per-document sums resampled by document."""
+    if ckpt.scores[suite].drift is None:
+        raise PolicyError(f"suite {suite!r} has no drift for {ckpt.name}; add `drift: true` to the suite and re-run `gate run`")
+    numerator = [docs[i].kl_sum if metric == "kl" else docs[i].top1_matches for i in ids]
+    return Paired(ids, np.zeros(len(ids)), np.array(numerator, dtype=float), np.array([docs[i].tokens for i in ids], dtype=float), "identity")
 
 
 def _same_ids(suite: str, base: dict, ckpt: dict) -> list[str]:

@@ -4,6 +4,13 @@ One row of ``suite_scores`` is one (model, suite) pair scored under one set of s
 its key is a hash of the base weights, the checkpoint weights, the suite data, the tokenizer and
 the settings that change numbers. A pair is written in one transaction once fully scored, so a
 run killed at any moment leaves only complete rows, and a re-run computes only missing keys.
+
+Drift suites add three tables, written in the same transaction as the score they belong to:
+``drift_references`` (the base's top-k log-probabilities, token ids and rest mass per scored token,
+as little-endian float32 / int32 / float64 blobs, one row per document: 8k + 8 bytes per scored
+token, 264 MB per million tokens at k = 32), ``drift_scores`` (a checkpoint's k, kl_p99 and the key
+of the base score it was compared with) and ``document_drift`` (per document: kl_sum,
+top1_matches and the most drifted tokens as JSON).
 """
 
 from __future__ import annotations
@@ -16,10 +23,10 @@ from pathlib import Path
 
 from gate.errors import RunFailure, StoreError
 from gate.hashing import sha256_json
-from gate.results import DocumentScore, ItemScore, SuiteScore, TaskScore
+from gate.results import DocumentScore, Drift, DriftToken, ItemScore, SuiteScore, TaskScore
 
 STORE_NAME = "gate.sqlite"
-STORE_SCHEMA = 2
+STORE_SCHEMA = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -48,6 +55,29 @@ CREATE TABLE IF NOT EXISTS document_scores (
     nll REAL NOT NULL,
     tokens INTEGER NOT NULL,
     bytes INTEGER NOT NULL,
+    PRIMARY KEY (score_key, position)
+);
+CREATE TABLE IF NOT EXISTS drift_references (
+    score_key TEXT NOT NULL REFERENCES suite_scores(key) ON DELETE CASCADE,
+    position INTEGER NOT NULL,
+    k INTEGER NOT NULL,
+    logprobs BLOB NOT NULL,
+    indices BLOB NOT NULL,
+    rest BLOB NOT NULL,
+    PRIMARY KEY (score_key, position)
+);
+CREATE TABLE IF NOT EXISTS drift_scores (
+    score_key TEXT PRIMARY KEY REFERENCES suite_scores(key) ON DELETE CASCADE,
+    k INTEGER NOT NULL,
+    kl_p99 REAL NOT NULL,
+    reference_key TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS document_drift (
+    score_key TEXT NOT NULL REFERENCES suite_scores(key) ON DELETE CASCADE,
+    position INTEGER NOT NULL,
+    kl_sum REAL NOT NULL,
+    top1_matches INTEGER NOT NULL,
+    drifted_json TEXT NOT NULL,
     PRIMARY KEY (score_key, position)
 );
 CREATE TABLE IF NOT EXISTS task_scores (
@@ -102,6 +132,20 @@ class ScoreIdentity:
             "suite": self.suite_identity,
             "settings": self.settings,
         }
+
+
+@dataclass
+class StoredReference:
+    """One document's drift reference as stored: the base's top-k at each scored token."""
+
+    k: int
+    """Top-k size."""
+    logprobs: bytes
+    """(tokens, k) float32, little-endian: the base's k largest log-probabilities, descending."""
+    indices: bytes
+    """(tokens, k) int32, little-endian: their token ids."""
+    rest: bytes
+    """(tokens,) float64, little-endian: the base's probability mass outside its top k."""
 
 
 @dataclass
@@ -180,11 +224,53 @@ class ResultsStore:
                 (key,),
             )
         ]
-        return SuiteScore.from_documents(row[0], docs)
+        found = self._conn.execute("SELECT k, kl_p99 FROM drift_scores WHERE score_key=?", (key,)).fetchone()
+        drift = None
+        if found is not None:
+            drift = Drift(k=found[0], kl_p99=found[1])
+            rows = self._conn.execute(
+                "SELECT kl_sum, top1_matches, drifted_json FROM document_drift WHERE score_key=? ORDER BY position", (key,)
+            )
+            for doc, (kl_sum, matches, drifted) in zip(docs, rows):
+                doc.kl_sum, doc.top1_matches = kl_sum, matches
+                doc.drifted = [DriftToken(**t) for t in json.loads(drifted)]
+        return SuiteScore.from_documents(row[0], docs, drift)
 
-    def put(self, identity: ScoreIdentity, score: SuiteScore, provenance: ScoreProvenance) -> None:
-        """Store one complete (model, perplexity suite) score in a single transaction."""
+    def get_reference(self, key: str) -> list[StoredReference] | None:
+        """The drift reference stored with the base's score under this key (per document), or None."""
+        rows = self._conn.execute(
+            "SELECT k, logprobs, indices, rest FROM drift_references WHERE score_key=? ORDER BY position", (key,)
+        ).fetchall()
+        return [StoredReference(*r) for r in rows] or None
+
+    def put(
+        self,
+        identity: ScoreIdentity,
+        score: SuiteScore,
+        provenance: ScoreProvenance,
+        reference: list[StoredReference] | None = None,
+        reference_key: str | None = None,
+    ) -> None:
+        """Store one complete (model, perplexity suite) score in a single transaction.
+
+        ``reference``: the base's drift reference (one per document); ``reference_key``: for a
+        checkpoint's drift, the key of the base score it was compared with.
+        """
         key = identity.key
+        extra = []
+        if reference is not None:
+            extra.append(("drift_references", [(key, i, r.k, r.logprobs, r.indices, r.rest) for i, r in enumerate(reference)]))
+        if score.drift is not None:
+            extra.append(("drift_scores", [(key, score.drift.k, score.drift.kl_p99, reference_key or "")]))
+            extra.append(
+                (
+                    "document_drift",
+                    [
+                        (key, i, d.kl_sum, d.top1_matches, json.dumps([vars(t) for t in d.drifted]))
+                        for i, d in enumerate(score.documents)
+                    ],
+                )
+            )
         self._replace(
             "suite_scores",
             identity,
@@ -193,6 +279,7 @@ class ResultsStore:
             provenance,
             "document_scores",
             [(key, i, d.id, d.nll, d.tokens, d.bytes) for i, d in enumerate(score.documents)],
+            extra,
         )
 
     def put_task(self, identity: ScoreIdentity, score: TaskScore, provenance: ScoreProvenance) -> None:
@@ -209,7 +296,7 @@ class ResultsStore:
             [(key, i, it.id, it.prompt_hash, json.dumps(it.values), it.excerpt) for i, it in enumerate(score.items)],
         )
 
-    def _replace(self, table, identity, suite, values: tuple, provenance, detail_table, detail_rows) -> None:
+    def _replace(self, table, identity, suite, values: tuple, provenance, detail_table, detail_rows, extra=()) -> None:
         """(Re)write one score row and its per-item rows atomically; a crash leaves the old state."""
         now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         key = identity.key
@@ -230,9 +317,10 @@ class ResultsStore:
             with self._transaction():
                 self._conn.execute(f"DELETE FROM {table} WHERE key=?", (key,))
                 self._conn.execute(f"INSERT INTO {table} VALUES ({','.join('?' * len(row))})", row)
-                if detail_rows:
-                    marks = ",".join("?" * len(detail_rows[0]))
-                    self._conn.executemany(f"INSERT INTO {detail_table} VALUES ({marks})", detail_rows)
+                for name, rows in ((detail_table, detail_rows), *extra):
+                    if rows:
+                        marks = ",".join("?" * len(rows[0]))
+                        self._conn.executemany(f"INSERT INTO {name} VALUES ({marks})", rows)
         except sqlite3.OperationalError as err:
             # The transaction rolled back: every score stored before this one is intact.
             raise StoreError(
@@ -254,6 +342,10 @@ class ResultsStore:
         return TaskScore(**{**json.loads(row[0]), "items": items})
 
     _TABLES = (("suite_scores", "document_scores"), ("task_scores", "item_scores"))
+    _DETAILS = {
+        "suite_scores": ("document_scores", "drift_references", "drift_scores", "document_drift"),
+        "task_scores": ("item_scores",),
+    }
 
     def keys(self) -> set[str]:
         """Every stored score's key."""
@@ -263,22 +355,24 @@ class ResultsStore:
         """The raw rows of these scores, to carry them to another store (distributed workers, merge)."""
         dump: dict[str, list[tuple]] = {}
         marks = ",".join("?" * len(keys))
-        for table, detail in self._TABLES:
+        for table, details in self._DETAILS.items():
             dump[table] = self._conn.execute(f"SELECT * FROM {table} WHERE key IN ({marks})", tuple(keys)).fetchall()
-            dump[detail] = self._conn.execute(
-                f"SELECT * FROM {detail} WHERE score_key IN ({marks}) ORDER BY score_key, position", tuple(keys)
-            ).fetchall()
+            for detail in details:
+                dump[detail] = self._conn.execute(
+                    f"SELECT * FROM {detail} WHERE score_key IN ({marks}) ORDER BY score_key", tuple(keys)
+                ).fetchall()
         return dump
 
     def import_rows(self, dump: dict[str, list[tuple]]) -> int:
         """Write exported rows in one transaction (replacing equal keys); returns how many scores."""
         with self._transaction():
-            for table, detail in self._TABLES:
+            for table, details in self._DETAILS.items():
                 for row in dump.get(table, []):
                     self._conn.execute(f"DELETE FROM {table} WHERE key=?", (row[0],))
                     self._conn.execute(f"INSERT INTO {table} VALUES ({','.join('?' * len(row))})", row)
-                for row in dump.get(detail, []):
-                    self._conn.execute(f"INSERT INTO {detail} VALUES ({','.join('?' * len(row))})", row)
+                for detail in details:
+                    for row in dump.get(detail, []):
+                        self._conn.execute(f"INSERT INTO {detail} VALUES ({','.join('?' * len(row))})", row)
         return sum(len(dump.get(table, [])) for table, _ in self._TABLES)
 
     def count(self) -> int:
