@@ -301,3 +301,48 @@ def test_k_above_the_vocabulary_is_bad_input(world, tmp_path, base_model):
     result = run_gate("run", world.checkpoints, "--config", config, "--out", tmp_path / "out")
     assert result.exit_code == 2
     assert f"drift_k {vocab + 1} exceeds the base's vocabulary ({vocab} tokens); lower drift_k" in result.output
+
+
+def test_drift_on_a_checkpoint_with_another_vocabulary_is_bad_input(world, tmp_path):
+    """Full checkpoints: a copy of the base drifts by exactly 0; one with resized embeddings is refused."""
+    run = tmp_path / "full-run"
+    shutil.copytree(world.base, run / "checkpoint-1")
+    resized = AutoModelForCausalLM.from_pretrained(world.base, dtype=torch.float32)
+    resized.resize_token_embeddings(resized.config.vocab_size + 8)
+    resized.save_pretrained(run / "checkpoint-2")
+    AutoTokenizer.from_pretrained(world.base).save_pretrained(run / "checkpoint-2")
+    config = write_config(world, tmp_path / "gate.yaml", extra="drift: true\n")
+    result = run_gate("run", run, "--config", config, "--out", tmp_path / "out")
+    assert result.exit_code == 2, result.output
+    results = json.loads((tmp_path / "out/results.json").read_text())
+    same, other = results["checkpoints"]
+    assert same["scores"]["text"]["kl"] == 0.0 and same["scores"]["long"]["top1"] == 1.0
+    assert other["status"] == "error" and other["error_code"] == 2
+    vocab = AutoModelForCausalLM.from_pretrained(world.base).config.vocab_size
+    assert f"its vocabulary has {vocab + 8} tokens but the base's has {vocab}" in other["reason"]
+
+
+def test_reports_show_drift_by_step_and_where_it_moved(drift_run, world, tmp_path):
+    """Without drift gates, summary.md still lists kl and top1, and report.html plots them by step and
+    shows, per checkpoint, the documents and tokens that moved most."""
+    out, _, _ = drift_run
+    reports = tmp_path / "reports"
+    shutil.copytree(out / "reports", reports)
+    plain = write_config(
+        world, tmp_path / "plain.yaml", suite_extra=", drift: true, drift_k: 16",
+        gates="gates:\n  - {suite: text, metric: perplexity, max_increase: 50%}\n",
+    )
+    assert run_gate("check", reports, "--config", plain).exit_code == 0
+    results = json.loads((reports / "results.json").read_text())
+    trained = {c["name"]: c["scores"]["text"] for c in results["checkpoints"]}["run-a/checkpoint-4"]
+    summary = (reports / "summary.md").read_text()
+    assert "| text kl | text top1 |" in summary
+    assert f"| {trained['kl']:.4g} | {trained['top1']:.1%} |" in summary
+    html = (reports / "report.html").read_text()
+    assert "text: KL(base ‖ checkpoint) per token, nats by training step" in html
+    assert "text: top-1 agreement with the base by training step" in html
+    assert "text: documents where the predictions moved most from the base's" in html
+    worst = max(trained["documents"], key=lambda d: d["kl_sum"] / d["tokens"])
+    assert f"<code>{worst['id']}</code>" in html
+    token = worst["drifted"][0]
+    assert f"{token['kl']:.3f}</li>" in html
