@@ -8,6 +8,7 @@
         path: data/style.jsonl           # relative to this file
         chat_template: true              # prompt/completion through the chat template
         limit: 500                       # optional: the first N documents
+        drift: true                      # KL to the base and top-1 agreement (drift_k: 32, the top-k size)
       - name: arith
         type: lm_eval
         task: tasks/arith.yaml           # a registered lm-eval task, a task YAML or a folder
@@ -20,6 +21,7 @@
       - {suite: arith, metric: acc, max_drop: 0.02}                 # guardrail, absolute
       - {suite: style, metric: perplexity, min_decrease: 10%}       # objective
       - {suite: arith, metric: acc, min: 0.6}                       # absolute floor
+      - {suite: style, metric: kl, max: 0.05}                       # drift floors (drift on for the suite)
       - {suite: french, metric: perplexity, max_increase: 5%, informational: true}
     select: style.perplexity             # ranks the passing checkpoints
     contamination:                       # do the suites repeat the training data? (gate.overlap)
@@ -27,6 +29,7 @@
       suites: [known-good]               # default: every perplexity suite
       n: 8                               # words per n-gram
     reference: release                   # also gate against the blessed release (or a checkpoint name)
+    drift: true                          # drift on every perplexity suite (a suite's `drift: false` wins)
     alpha: 0.05
     confirm: 0.5                         # select on half the items, certify on the other half
     device: auto                         # auto | cpu | cuda | cuda:N | mps

@@ -191,6 +191,9 @@ class ResultsStore:
         row = self._conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
         if row is None:
             self._conn.execute("INSERT INTO meta VALUES ('schema', ?)", (str(STORE_SCHEMA),))
+        elif row[0] == "2":
+            # 2 -> 3 only added the drift tables (created above): every stored score stays valid.
+            self._conn.execute("UPDATE meta SET value=? WHERE key='schema'", (str(STORE_SCHEMA),))
         elif row[0] != str(STORE_SCHEMA):
             raise RunFailure(
                 f"{self.path}: store schema {row[0]} is not {STORE_SCHEMA}; it was made by another gate "

@@ -346,3 +346,13 @@ def test_reports_show_drift_by_step_and_where_it_moved(drift_run, world, tmp_pat
     assert f"<code>{worst['id']}</code>" in html
     token = worst["drifted"][0]
     assert f"{token['kl']:.3f}</li>" in html
+
+
+def test_check_refuses_a_drift_gate_on_results_scored_without_drift(drift_run, world, tmp_path):
+    out, _, _ = drift_run
+    reports = tmp_path / "reports"
+    shutil.copytree(out / "reports", reports)
+    config = write_config(world, tmp_path / "gate.yaml", extra="drift: true\n", gates="gates:\n  - {suite: long, metric: top1, min: 0.9}\n")
+    result = run_gate("check", reports, "--config", config)
+    assert result.exit_code == 2, result.output
+    assert "suite 'long' was scored without drift, so it has no 'top1'; add `drift: true` to it and re-run `gate run`" in result.output
