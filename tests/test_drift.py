@@ -356,3 +356,58 @@ def test_check_refuses_a_drift_gate_on_results_scored_without_drift(drift_run, w
     result = run_gate("check", reports, "--config", config)
     assert result.exit_code == 2, result.output
     assert "suite 'long' was scored without drift, so it has no 'top1'; add `drift: true` to it and re-run `gate run`" in result.output
+
+
+# --- the drift floors' statistics, by simulation (documents drawn from a population) -------------
+
+
+def _drift_results(kl_sums, matches, tokens):
+    from gate.results import DocumentScore, Drift, ModelResult, Results, RunSettings, SuiteInfo, SuiteScore
+
+    def docs(with_drift):
+        return [
+            DocumentScore(f"d{i}", 2.0 * t, int(t), 4 * int(t), *((float(kl), int(m)) if with_drift else ()))
+            for i, (kl, m, t) in enumerate(zip(kl_sums, matches, tokens))
+        ]
+
+    base = ModelResult("base", "base", "base", scores={"s": SuiteScore.from_documents("s", docs(False))})
+    ckpt = ModelResult("c", "lora", "c", step=1, scores={"s": SuiteScore.from_documents("s", docs(True), Drift(16, 0.0))})
+    suite = SuiteInfo("s", "perplexity", "", "", "", len(tokens), True, drift_k=16)
+    return Results(1, "0", "", "", {}, RunSettings("cpu", "float32", 8, 128, 64, "ppl-1", "t"), base, [ckpt], [suite])
+
+
+def _simulate(metric, limit, truth, reps=250, n=150, seed=21):
+    """Outcomes of one drift floor over repeated draws of n documents whose population value is ``truth``."""
+    from gate.config import Gate, Policy
+    from gate.policy import evaluate
+
+    rng = np.random.default_rng(seed)
+    gate = Gate("s", metric, "max" if metric == "kl" else "min", limit)
+    outcomes = []
+    for _ in range(reps):
+        tokens = rng.integers(20, 200, n)
+        if metric == "kl":  # skewed per-document KL per token, independent of length: population ratio = truth
+            per_token = rng.gamma(2.0, truth / 2.0, n)
+            kl, matches = per_token * tokens, tokens
+        else:  # per-document agreement rates around truth, then binomial tokens
+            rate = rng.beta(truth * 20, (1 - truth) * 20, n)
+            kl, matches = np.zeros(n), rng.binomial(tokens, rate)
+        verdict = evaluate(Policy([gate], bootstrap_iterations=1000), _drift_results(kl, matches, tokens), rng)
+        outcomes.append(verdict.checkpoints[0].checks[0].outcome)
+    return np.array(outcomes)
+
+
+@pytest.mark.parametrize("metric,limit", [("kl", 0.05), ("top1", 0.9)])
+def test_simulation_drift_at_the_limit_rarely_passes(metric, limit):
+    """Population drift exactly at the limit: the floor passes at most about alpha of the time."""
+    outcomes = _simulate(metric, limit, truth=limit)
+    alpha, reps = 0.05, len(outcomes)
+    assert (outcomes == "pass").mean() <= alpha + 3 * math.sqrt(alpha * (1 - alpha) / reps)
+
+
+@pytest.mark.parametrize("metric,limit,truth", [("kl", 0.05, 0.035), ("top1", 0.9, 0.93)])
+def test_simulation_drift_well_inside_the_limit_passes_and_well_outside_fails(metric, limit, truth):
+    inside = _simulate(metric, limit, truth, reps=60)
+    assert (inside == "pass").mean() >= 0.8 and (inside == "fail").sum() == 0
+    outside = _simulate(metric, limit, 2 * limit - truth, reps=60)
+    assert (outside == "fail").mean() >= 0.8 and (outside == "pass").sum() == 0
