@@ -8,6 +8,7 @@
         path: data/style.jsonl           # relative to this file
         chat_template: true              # prompt/completion through the chat template
         limit: 500                       # optional: the first N documents
+        drift: true                      # KL to the base and top-1 agreement (drift_k: 32, the top-k size)
       - name: arith
         type: lm_eval
         task: tasks/arith.yaml           # a registered lm-eval task, a task YAML or a folder
@@ -28,6 +29,7 @@
       - {suite: arith, metric: acc, max_drop: 0.02}                 # guardrail, absolute
       - {suite: style, metric: perplexity, min_decrease: 10%}       # objective
       - {suite: arith, metric: acc, min: 0.6}                       # absolute floor
+      - {suite: style, metric: kl, max: 0.05}                       # drift floors (drift on for the suite)
       - {suite: french, metric: perplexity, max_increase: 5%, informational: true}
     select: style.perplexity             # ranks the passing checkpoints
     contamination:                       # do the suites repeat the training data? (gate.overlap)
@@ -35,6 +37,7 @@
       suites: [known-good]               # default: every perplexity suite
       n: 8                               # words per n-gram
     reference: release                   # also gate against the blessed release (or a checkpoint name)
+    drift: true                          # drift on every perplexity suite (a suite's `drift: false` wins)
     alpha: 0.05
     confirm: 0.5                         # select on half the items, certify on the other half
     device: auto                         # auto | cpu | cuda | cuda:N | mps
@@ -67,6 +70,7 @@ TOP_KEYS = {
     "base", "suites", "device", "dtype", "batch_size", "max_length", "stride", "funnel",
     "gates", "select", "alpha", "confirm", "seed", "bootstrap_iterations", "reference", "contamination",
     "detectors",
+    "drift", "drift_k",
 }
 GATE_BOUNDS = {
     # bound: (kind, which direction is harm for it: the metric must be lower-is-better or not)
@@ -77,15 +81,17 @@ GATE_BOUNDS = {
     "min": ("floor", None),
     "max": ("floor", None),
 }
-LOWER_IS_BETTER = {"perplexity", "bits_per_byte", "word_perplexity", "byte_perplexity", "words", "repetition"}
-"""Perplexity-suite metrics (always lower is better), lm-eval's rolling perplexities and the generate suites' length and repetition."""
+LOWER_IS_BETTER = {"perplexity", "bits_per_byte", "word_perplexity", "byte_perplexity", "words", "repetition", "kl"}
+"""Perplexity-suite metrics (always lower is better), lm-eval's rolling perplexities, the generate suites' length and repetition, and drift's KL."""
 HIGHER_IS_BETTER = {"acc", "acc_norm", "exact_match", "f1", "mcc", "acc_mutual_info"}
 """lm-eval metrics whose direction is known when a results.json predates recorded higher_is_better."""
 GATE_KEYS = {"suite", "metric", "informational", "higher_is_better", "cluster", "min_items"}
+DRIFT_METRICS = ("kl", "top1")  # of perplexity suites with drift on; gated as floors (min/max) only
+DEFAULT_DRIFT_K = 32
 DEFAULT_MAX_INCREASE = 0.05
 SUITE_KEYS = {
     "name", "type", "path", "task", "num_fewshot", "limit", "metric", "chat_template",
-    "max_new_tokens", "system", "gen_kwargs", "system_instruction",
+    "max_new_tokens", "system", "gen_kwargs", "system_instruction", "drift", "drift_k",
 }
 ONLY_FOR = {
     "path": ("perplexity", "generate"),
@@ -95,6 +101,8 @@ ONLY_FOR = {
     "system_instruction": ("lm_eval",),
     "max_new_tokens": ("generate",),
     "system": ("generate",),
+    "drift": ("perplexity",),
+    "drift_k": ("perplexity",),
 }
 PERPLEXITY_METRICS = ("perplexity", "bits_per_byte")
 SUITE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
@@ -132,6 +140,9 @@ class SuiteSpec:
     """lm_eval: system instruction lm-eval puts before every prompt."""
     line: int | None = None
     """Line of this entry in gate.yaml (for messages); None for defaults."""
+    drift_k: int | None = None
+    """perplexity: measure drift from the base (KL, top-1 agreement) with a top-k reference of this
+    size; None: off (``drift: true`` here or at the top of gate.yaml turns it on, default k 32)."""
 
     @property
     def use_chat_template(self) -> bool:
@@ -326,6 +337,7 @@ def load_config(path: str | Path | None) -> GateConfig:
     config.max_length = _positive_int(raw, "max_length", None, "", problems)
     config.stride = _positive_int(raw, "stride", None, "", problems)
     config.suites = _suites(raw.get("suites"), path.parent.resolve(), problems)
+    _drift(raw, config.suites, problems)
     config.funnel = _funnel(raw.get("funnel"), config.suites, problems)
     config.contamination = _contamination(raw.get("contamination"), config.suites, path.parent.resolve(), problems)
     config.policy = _policy(raw, config.suites, problems)
@@ -380,6 +392,8 @@ def _suite(entry: dict, i: int, folder: Path, problems: list[str]) -> SuiteSpec 
     for key, only in ONLY_FOR.items():
         if key in entry and kind not in only:
             problems.append(f"{where}{key}: only for type {' and '.join(only)} suites")
+    drift = _typed(entry, "drift", bool, None, where, problems)
+    drift_k = _typed(entry, "drift_k", int, None, where, problems)
     spec = SuiteSpec(
         name=name,
         type=kind,
@@ -388,6 +402,8 @@ def _suite(entry: dict, i: int, folder: Path, problems: list[str]) -> SuiteSpec 
         metric=_typed(entry, "metric", str, None, where, problems),
         chat_template=_typed(entry, "chat_template", bool, None, where, problems),
     )
+    if kind == "perplexity":
+        spec.drift_k = _drift_k(drift, drift_k, where, problems)
     if spec.num_fewshot is not None and spec.num_fewshot < 0:
         problems.append(f"{where}num_fewshot: must be 0 or more, not {spec.num_fewshot}")
     if kind == "perplexity":
@@ -409,6 +425,32 @@ def _suite(entry: dict, i: int, folder: Path, problems: list[str]) -> SuiteSpec 
         spec.gen_kwargs = _gen_kwargs(entry.get("gen_kwargs"), where, problems)
         spec.task = _task(entry, where, folder, problems)
     return spec
+
+
+def _drift_k(drift: bool | None, k: int | None, where: str, problems: list[str]) -> int | None:
+    """A suite's drift setting: None (off), or the top-k size; drift_k alone turns drift on."""
+    if k is not None and k < 1:
+        problems.append(f"{where}drift_k: must be at least 1 (the size of the base's top-k reference), not {k}")
+        return None
+    if drift is False:
+        return None
+    return k if k is not None else (DEFAULT_DRIFT_K if drift else None)
+
+
+def _drift(raw: dict, suites: list[SuiteSpec], problems: list[str]) -> None:
+    """Top-level ``drift: true`` / ``drift_k``: the default for every perplexity suite that sets neither."""
+    drift = _typed(raw, "drift", bool, None, "", problems)
+    k = _typed(raw, "drift_k", int, None, "", problems)
+    if k is not None and k < 1:
+        problems.append(f"drift_k: must be at least 1 (the size of the base's top-k reference), not {k}")
+        return
+    if drift is False or (drift is None and k is None):
+        return
+    entries = raw.get("suites") if isinstance(raw.get("suites"), list) else []
+    off = {e.get("name") for e in entries if isinstance(e, dict) and e.get("drift") is False}
+    for spec in suites:
+        if spec.type == "perplexity" and spec.drift_k is None and spec.name not in off:
+            spec.drift_k = k or DEFAULT_DRIFT_K
 
 
 def _file(entry: dict, key: str, name: str, where: str, folder: Path, problems: list[str], what: str) -> str:
@@ -546,11 +588,19 @@ def _gates(value: object, suites: list[SuiteSpec], problems: list[str]) -> list[
         if suite_metric is None or margin is None:
             continue
         gate = Gate(suite_metric[0], suite_metric[1], bound, margin, relative, informational, direction, cluster, min_items)
+        if gate.metric in DRIFT_METRICS and gate.kind != "floor":
+            limit = "max: 0.05" if gate.metric == "kl" else "min: 0.9"
+            problems.append(f"{where}.{bound}: {gate.metric} is the checkpoint's drift from the base; gate it as a floor, e.g. {limit}")
+            continue
         spec = next(sp for sp in suites if sp.name == gate.suite)
-        if spec.type == "perplexity" and direction is False:
+        if spec.type == "perplexity" and gate.metric not in DRIFT_METRICS and direction is False:
             problems.append(f"{where}.higher_is_better: {gate.metric} of a perplexity suite is better when lower; remove the key")
             continue
-        known = True if spec.type == "perplexity" else (None if direction is None else not direction)
+        if spec.type in ("perplexity", "generate"):
+            # Known by gate: perplexities, kl, words and repetition lower; top1 and probe checks higher.
+            known = gate.metric in LOWER_IS_BETTER or (spec.type == "perplexity" and gate.metric not in DRIFT_METRICS)
+        else:
+            known = None if direction is None else not direction
         if known is None and gate.metric in LOWER_IS_BETTER:
             known = True  # lm-eval's rolling perplexities (word_perplexity, bits_per_byte, ...)
         wants_lower = GATE_BOUNDS[bound][1]
@@ -590,8 +640,17 @@ def _suite_metric(text: object, suites: list[SuiteSpec], where: str, problems: l
         names = ", ".join(s.name for s in suites)
         problems.append(f"{where}: suite {suite!r} is not configured (suites: {names})")
         return None
-    if spec.type == "perplexity" and metric not in PERPLEXITY_METRICS:
-        problems.append(f"{where}: metric {metric!r} of perplexity suite {suite!r} must be perplexity or bits_per_byte")
+    if spec.type == "perplexity" and metric in DRIFT_METRICS and spec.drift_k is None:
+        problems.append(
+            f"{where}: metric {metric!r} is drift from the base, and suite {suite!r} does not measure it; add "
+            "`drift: true` to the suite (or at the top of gate.yaml)"
+        )
+        return None
+    if spec.type == "perplexity" and metric not in PERPLEXITY_METRICS + DRIFT_METRICS:
+        problems.append(
+            f"{where}: metric {metric!r} of perplexity suite {suite!r} must be perplexity or bits_per_byte "
+            "(or kl / top1 with drift on)"
+        )
         return None
     if spec.type == "generate" and metric not in GENERATE_METRICS:
         problems.append(f"{where}: metric {metric!r} of generate suite {suite!r} must be one of {', '.join(GENERATE_METRICS)}")

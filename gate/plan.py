@@ -99,7 +99,9 @@ def load_suites(config: GateConfig) -> list[Suite]:
     for spec in config.perplexity_suites:
         try:
             suites.append(
-                load_suite(spec.name, spec.path, chat_template=spec.use_chat_template, limit=spec.limit)
+                load_suite(
+                    spec.name, spec.path, chat_template=spec.use_chat_template, limit=spec.limit, drift_k=spec.drift_k
+                )
             )
         except SuiteError as err:
             problems.append(str(err))

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gate.config import GATE_BOUNDS, LOWER_IS_BETTER, Gate, Policy, known_direction
+from gate.config import DRIFT_METRICS, GATE_BOUNDS, LOWER_IS_BETTER, Gate, Policy, known_direction
 from gate.errors import GateError
 from gate.results import ModelResult, Results
 from gate.stats import (
@@ -99,6 +99,9 @@ def validate(policy: Policy, results: Results) -> list[str]:
     for where, suite, metric in named:
         if suite not in suites:
             problems.append(f"{where}: suite {suite!r} is not in results.json (suites: {', '.join(suites)}); re-run `gate run` with it")
+            continue
+        if metric in DRIFT_METRICS and suites[suite].type == "perplexity" and suites[suite].drift_k is None:
+            problems.append(f"{where}: suite {suite!r} was scored without drift, so it has no {metric!r}; add `drift: true` to it and re-run `gate run`")
             continue
         if suites[suite].type in ("lm_eval", "generate"):
             available = set()
@@ -230,7 +233,7 @@ def _direction_of(policy: Policy, results: Results, suite: str, metric: str, gat
         return not gate.higher_is_better
     info = next((s for s in results.suites if s.name == suite), None)
     if info is not None and info.type == "perplexity":
-        return True
+        return metric not in DRIFT_METRICS or metric in LOWER_IS_BETTER  # top1 agreement: higher is better
     if info is not None and info.type == "generate":
         # Probes: checks passed, `ok` and `ended` are better high; `words` and `repetition` low.
         return metric in LOWER_IS_BETTER
@@ -405,6 +408,8 @@ def _paired(suite: str, metric: str, base: ModelResult, ckpt: ModelResult) -> Pa
         b = {d.id: d for d in base.scores[suite].documents}
         c = {d.id: d for d in ckpt.scores[suite].documents}
         ids = _same_ids(suite, b, c)
+        if metric in DRIFT_METRICS:
+            return _drift_paired(suite, metric, ckpt, ids, c)
         weight = "tokens" if metric == "perplexity" else "bytes"
         for i in ids:
             if b[i].tokens != c[i].tokens:
@@ -459,6 +464,15 @@ def _require(suite: str, metric: str, b: dict, c: dict, ids: list[str]) -> None:
     if missing:
         available = ", ".join(sorted(next(iter(b.values())).values)) if b else "none"
         raise PolicyError(f"suite {suite!r} has no per-item metric {metric!r} (available: {available}); fix the gate's metric")
+
+
+def _drift_paired(suite: str, metric: str, ckpt: ModelResult, ids: list[str], docs: dict) -> Paired:
+    """Drift is the checkpoint's own number (against the base, measured once): kl = sum kl_sum / sum tokens,
+    top1 = sum top1_matches / sum tokens, each a ratio of per-document sums resampled by document."""
+    if ckpt.scores[suite].drift is None:
+        raise PolicyError(f"suite {suite!r} has no drift for {ckpt.name}; add `drift: true` to the suite and re-run `gate run`")
+    numerator = [docs[i].kl_sum if metric == "kl" else docs[i].top1_matches for i in ids]
+    return Paired(ids, np.zeros(len(ids)), np.array(numerator, dtype=float), np.array([docs[i].tokens for i in ids], dtype=float), "identity")
 
 
 def _same_ids(suite: str, base: dict, ckpt: dict) -> list[str]:

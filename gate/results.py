@@ -25,6 +25,26 @@ SCHEMA_VERSION = 1
 
 
 @dataclass
+class DriftToken:
+    """One scored token where the checkpoint's next-token distribution moved far from the base's."""
+
+    index: int
+    """Its index among the document's scored tokens."""
+    kl: float
+    """KL(base || checkpoint) at this token (nats, over the base's top-k buckets plus the rest)."""
+    before: str
+    """Decoded text of the tokens before it (a few)."""
+    token: str
+    """The token itself (what the text says comes next)."""
+    after: str
+    """Decoded text of the tokens after it (a few)."""
+    base_top: str
+    """The base's most likely next token."""
+    checkpoint_top: str
+    """The checkpoint's most likely next token."""
+
+
+@dataclass
 class DocumentScore:
     """Numbers for one document: everything a paired per-document statistic needs."""
 
@@ -38,6 +58,34 @@ class DocumentScore:
     """UTF-8 bytes of the scored text."""
     groups: dict[str, str] = field(default_factory=dict)
     """Grouping fields of the document (a gate's ``cluster:`` field), recorded when a gate clusters by them."""
+    kl_sum: float | None = None
+    """Drift suites, checkpoints: sum over the scored tokens of KL(base || checkpoint), nats."""
+    top1_matches: int | None = None
+    """Drift suites, checkpoints: scored tokens where base and checkpoint have the same most likely token."""
+    drifted: list[DriftToken] = field(default_factory=list)
+    """Drift suites, checkpoints: the tokens with the largest KL (a few), for reports."""
+
+    def to_json(self) -> dict:
+        out = {"id": self.id, "nll": self.nll, "tokens": self.tokens, "bytes": self.bytes}
+        if self.groups:  # only when a gate clusters by them
+            out["groups"] = self.groups
+        if self.kl_sum is not None:  # absent unless drift was computed: results.json stays as it was
+            out.update(kl_sum=self.kl_sum, top1_matches=self.top1_matches, drifted=[asdict(t) for t in self.drifted])
+        return out
+
+    @classmethod
+    def from_json(cls, obj: dict) -> DocumentScore:
+        return cls(**{**obj, "drifted": [DriftToken(**t) for t in obj.get("drifted", [])]})
+
+
+@dataclass
+class Drift:
+    """How far a checkpoint's next-token distributions moved from the base's on one suite."""
+
+    k: int
+    """Size of the base's top-k reference (KL is over k+1 buckets: a lower bound of the full KL)."""
+    kl_p99: float
+    """99th percentile over scored tokens of the per-token KL (numpy's linear interpolation)."""
 
 
 @dataclass
@@ -57,6 +105,22 @@ class SuiteScore:
     libraries: dict[str, str] = field(default_factory=dict)
     """Versions of the libraries this score was computed under (torch, transformers, tokenizers;
     peft for adapters); only scores computed under equal versions are compared. {}: not recorded."""
+    drift: Drift | None = None
+    """Drift against the base (drift suites, checkpoints only); None: not computed."""
+
+    @property
+    def kl(self) -> float | None:
+        """sum_d kl_sum_d / sum_d tokens_d: mean KL(base || checkpoint) per scored token, nats."""
+        if self.drift is None:
+            return None
+        return math.fsum(d.kl_sum for d in self.documents) / self.tokens
+
+    @property
+    def top1(self) -> float | None:
+        """sum_d top1_matches_d / sum_d tokens_d: share of scored tokens whose most likely next token agrees."""
+        if self.drift is None:
+            return None
+        return sum(d.top1_matches for d in self.documents) / self.tokens
 
     @property
     def perplexity(self) -> float:
@@ -69,7 +133,7 @@ class SuiteScore:
         return self.nll_sum / (math.log(2) * self.bytes)
 
     @classmethod
-    def from_documents(cls, suite: str, documents: list[DocumentScore]) -> SuiteScore:
+    def from_documents(cls, suite: str, documents: list[DocumentScore], drift: Drift | None = None) -> SuiteScore:
         # math.fsum: the corpus sum must not depend on document order.
         return cls(
             suite=suite,
@@ -77,12 +141,17 @@ class SuiteScore:
             tokens=sum(d.tokens for d in documents),
             bytes=sum(d.bytes for d in documents),
             documents=list(documents),
+            drift=drift,
         )
 
     def to_json(self) -> dict:
-        out = asdict(self)
+        out = {"suite": self.suite, "nll_sum": self.nll_sum, "tokens": self.tokens, "bytes": self.bytes}
+        out["documents"] = [d.to_json() for d in self.documents]
         out["perplexity"] = self.perplexity
         out["bits_per_byte"] = self.bits_per_byte
+        out["libraries"] = self.libraries
+        if self.drift is not None:
+            out.update(drift=asdict(self.drift), kl=self.kl, top1=self.top1)
         return out
 
     @classmethod
@@ -92,8 +161,9 @@ class SuiteScore:
             nll_sum=obj["nll_sum"],
             tokens=obj["tokens"],
             bytes=obj["bytes"],
-            documents=[DocumentScore(**d) for d in obj["documents"]],
+            documents=[DocumentScore.from_json(d) for d in obj["documents"]],
             libraries=obj.get("libraries", {}),
+            drift=Drift(**obj["drift"]) if obj.get("drift") else None,
         )
 
 
@@ -243,6 +313,8 @@ class SuiteInfo:
     gen_kwargs, system_instruction and apply_chat_template as passed to lm-eval. Empty otherwise."""
     overlap: list[Overlap] = field(default_factory=list)
     """Contamination check against each training file (gate.yaml ``contamination:``); empty: not checked."""
+    drift_k: int | None = None
+    """perplexity: top-k size of the base's drift reference when drift is on (gate.yaml ``drift``); None: off."""
 
     @classmethod
     def from_json(cls, obj: dict) -> SuiteInfo:

@@ -9,6 +9,13 @@ run killed at any moment leaves only complete rows, and a re-run computes only m
 What the model said (generate suites, lm-eval generation tasks) is kept verbatim in
 ``item_outputs``, one row per item that has an output, beside the item's numbers in
 ``item_scores``; stores made before this table existed simply have no outputs.
+
+Drift suites add three tables, written in the same transaction as the score they belong to:
+``drift_references`` (the base's top-k log-probabilities, token ids and rest mass per scored token,
+as little-endian float32 / int32 / float64 blobs, one row per document: 8k + 8 bytes per scored
+token, 264 MB per million tokens at k = 32), ``drift_scores`` (a checkpoint's k, kl_p99 and the key
+of the base score it was compared with) and ``document_drift`` (per document: kl_sum,
+top1_matches and the most drifted tokens as JSON).
 """
 
 from __future__ import annotations
@@ -21,10 +28,10 @@ from pathlib import Path
 
 from gate.errors import RunFailure, StoreError
 from gate.hashing import sha256_json
-from gate.results import DocumentScore, ItemScore, SuiteScore, TaskScore
+from gate.results import DocumentScore, Drift, DriftToken, ItemScore, SuiteScore, TaskScore
 
 STORE_NAME = "gate.sqlite"
-STORE_SCHEMA = 2
+STORE_SCHEMA = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -53,6 +60,29 @@ CREATE TABLE IF NOT EXISTS document_scores (
     nll REAL NOT NULL,
     tokens INTEGER NOT NULL,
     bytes INTEGER NOT NULL,
+    PRIMARY KEY (score_key, position)
+);
+CREATE TABLE IF NOT EXISTS drift_references (
+    score_key TEXT NOT NULL REFERENCES suite_scores(key) ON DELETE CASCADE,
+    position INTEGER NOT NULL,
+    k INTEGER NOT NULL,
+    logprobs BLOB NOT NULL,
+    indices BLOB NOT NULL,
+    rest BLOB NOT NULL,
+    PRIMARY KEY (score_key, position)
+);
+CREATE TABLE IF NOT EXISTS drift_scores (
+    score_key TEXT PRIMARY KEY REFERENCES suite_scores(key) ON DELETE CASCADE,
+    k INTEGER NOT NULL,
+    kl_p99 REAL NOT NULL,
+    reference_key TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS document_drift (
+    score_key TEXT NOT NULL REFERENCES suite_scores(key) ON DELETE CASCADE,
+    position INTEGER NOT NULL,
+    kl_sum REAL NOT NULL,
+    top1_matches INTEGER NOT NULL,
+    drifted_json TEXT NOT NULL,
     PRIMARY KEY (score_key, position)
 );
 CREATE TABLE IF NOT EXISTS task_scores (
@@ -120,6 +150,20 @@ class ScoreIdentity:
 
 
 @dataclass
+class StoredReference:
+    """One document's drift reference as stored: the base's top-k at each scored token."""
+
+    k: int
+    """Top-k size."""
+    logprobs: bytes
+    """(tokens, k) float32, little-endian: the base's k largest log-probabilities, descending."""
+    indices: bytes
+    """(tokens, k) int32, little-endian: their token ids."""
+    rest: bytes
+    """(tokens,) float64, little-endian: the base's probability mass outside its top k."""
+
+
+@dataclass
 class ScoreProvenance:
     """How a stored score was computed (kept for the report; not part of the key)."""
 
@@ -162,6 +206,9 @@ class ResultsStore:
         row = self._conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
         if row is None:
             self._conn.execute("INSERT INTO meta VALUES ('schema', ?)", (str(STORE_SCHEMA),))
+        elif row[0] == "2":
+            # 2 -> 3 only added the drift tables (created above): every stored score stays valid.
+            self._conn.execute("UPDATE meta SET value=? WHERE key='schema'", (str(STORE_SCHEMA),))
         elif row[0] != str(STORE_SCHEMA):
             raise RunFailure(
                 f"{self.path}: store schema {row[0]} is not {STORE_SCHEMA}; it was made by another gate "
@@ -217,13 +264,55 @@ class ResultsStore:
                 (key,),
             )
         ]
-        score = SuiteScore.from_documents(row[0], docs)
+        found = self._conn.execute("SELECT k, kl_p99 FROM drift_scores WHERE score_key=?", (key,)).fetchone()
+        drift = None
+        if found is not None:
+            drift = Drift(k=found[0], kl_p99=found[1])
+            rows = self._conn.execute(
+                "SELECT kl_sum, top1_matches, drifted_json FROM document_drift WHERE score_key=? ORDER BY position", (key,)
+            )
+            for doc, (kl_sum, matches, drifted) in zip(docs, rows):
+                doc.kl_sum, doc.top1_matches = kl_sum, matches
+                doc.drifted = [DriftToken(**t) for t in json.loads(drifted)]
+        score = SuiteScore.from_documents(row[0], docs, drift)
         score.libraries = self._versions("suite_scores", key)
         return score
 
-    def put(self, identity: ScoreIdentity, score: SuiteScore, provenance: ScoreProvenance) -> None:
-        """Store one complete (model, perplexity suite) score in a single transaction."""
+    def get_reference(self, key: str) -> list[StoredReference] | None:
+        """The drift reference stored with the base's score under this key (per document), or None."""
+        rows = self._conn.execute(
+            "SELECT k, logprobs, indices, rest FROM drift_references WHERE score_key=? ORDER BY position", (key,)
+        ).fetchall()
+        return [StoredReference(*r) for r in rows] or None
+
+    def put(
+        self,
+        identity: ScoreIdentity,
+        score: SuiteScore,
+        provenance: ScoreProvenance,
+        reference: list[StoredReference] | None = None,
+        reference_key: str | None = None,
+    ) -> None:
+        """Store one complete (model, perplexity suite) score in a single transaction.
+
+        ``reference``: the base's drift reference (one per document); ``reference_key``: for a
+        checkpoint's drift, the key of the base score it was compared with.
+        """
         key = identity.key
+        extra = []
+        if reference is not None:
+            extra.append(("drift_references", [(key, i, r.k, r.logprobs, r.indices, r.rest) for i, r in enumerate(reference)]))
+        if score.drift is not None:
+            extra.append(("drift_scores", [(key, score.drift.k, score.drift.kl_p99, reference_key or "")]))
+            extra.append(
+                (
+                    "document_drift",
+                    [
+                        (key, i, d.kl_sum, d.top1_matches, json.dumps([vars(t) for t in d.drifted]))
+                        for i, d in enumerate(score.documents)
+                    ],
+                )
+            )
         self._replace(
             "suite_scores",
             identity,
@@ -232,6 +321,7 @@ class ResultsStore:
             provenance,
             "document_scores",
             [(key, i, d.id, d.nll, d.tokens, d.bytes) for i, d in enumerate(score.documents)],
+            extra,
         )
 
     def put_task(self, identity: ScoreIdentity, score: TaskScore, provenance: ScoreProvenance) -> None:
@@ -246,10 +336,10 @@ class ResultsStore:
             provenance,
             "item_scores",
             [(key, i, it.id, it.prompt_hash, json.dumps(it.values), it.excerpt) for i, it in enumerate(score.items)],
-            [(key, i, json.dumps(it.output)) for i, it in enumerate(score.items) if it.output is not None],
+            [("item_outputs", [(key, i, json.dumps(it.output)) for i, it in enumerate(score.items) if it.output is not None])],
         )
 
-    def _replace(self, table, identity, suite, values: tuple, provenance, detail_table, detail_rows, output_rows=()) -> None:
+    def _replace(self, table, identity, suite, values: tuple, provenance, detail_table, detail_rows, extra=()) -> None:
         """(Re)write one score row and its per-item rows atomically; a crash leaves the old state."""
         now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         key = identity.key
@@ -270,11 +360,10 @@ class ResultsStore:
             with self._transaction():
                 self._conn.execute(f"DELETE FROM {table} WHERE key=?", (key,))
                 self._conn.execute(f"INSERT INTO {table} VALUES ({','.join('?' * len(row))})", row)
-                if detail_rows:
-                    marks = ",".join("?" * len(detail_rows[0]))
-                    self._conn.executemany(f"INSERT INTO {detail_table} VALUES ({marks})", detail_rows)
-                if output_rows:
-                    self._conn.executemany("INSERT INTO item_outputs VALUES (?,?,?)", output_rows)
+                for name, rows in ((detail_table, detail_rows), *extra):
+                    if rows:
+                        marks = ",".join("?" * len(rows[0]))
+                        self._conn.executemany(f"INSERT INTO {name} VALUES ({marks})", rows)
         except sqlite3.OperationalError as err:
             # The transaction rolled back: every score stored before this one is intact.
             raise StoreError(
@@ -300,6 +389,10 @@ class ResultsStore:
         return TaskScore(**{**json.loads(row[0]), "items": items, "libraries": self._versions("task_scores", key)})
 
     _TABLES = (("suite_scores", "document_scores"), ("task_scores", "item_scores"))
+    _DETAILS = {
+        "suite_scores": ("document_scores", "drift_references", "drift_scores", "document_drift"),
+        "task_scores": ("item_scores", "item_outputs"),
+    }
 
     def keys(self) -> set[str]:
         """Every stored score's key."""
@@ -309,27 +402,24 @@ class ResultsStore:
         """The raw rows of these scores, to carry them to another store (distributed workers, merge)."""
         dump: dict[str, list[tuple]] = {}
         marks = ",".join("?" * len(keys))
-        for table, detail in self._TABLES:
+        for table, details in self._DETAILS.items():
             dump[table] = self._conn.execute(f"SELECT * FROM {table} WHERE key IN ({marks})", tuple(keys)).fetchall()
-            dump[detail] = self._conn.execute(
-                f"SELECT * FROM {detail} WHERE score_key IN ({marks}) ORDER BY score_key, position", tuple(keys)
-            ).fetchall()
-        dump["item_outputs"] = self._conn.execute(
-            f"SELECT * FROM item_outputs WHERE score_key IN ({marks}) ORDER BY score_key, position", tuple(keys)
-        ).fetchall()
+            for detail in details:
+                dump[detail] = self._conn.execute(
+                    f"SELECT * FROM {detail} WHERE score_key IN ({marks}) ORDER BY score_key", tuple(keys)
+                ).fetchall()
         return dump
 
     def import_rows(self, dump: dict[str, list[tuple]]) -> int:
         """Write exported rows in one transaction (replacing equal keys); returns how many scores."""
         with self._transaction():
-            for table, detail in self._TABLES:
+            for table, details in self._DETAILS.items():
                 for row in dump.get(table, []):
                     self._conn.execute(f"DELETE FROM {table} WHERE key=?", (row[0],))
                     self._conn.execute(f"INSERT INTO {table} VALUES ({','.join('?' * len(row))})", row)
-                for row in dump.get(detail, []):
-                    self._conn.execute(f"INSERT INTO {detail} VALUES ({','.join('?' * len(row))})", row)
-            for row in dump.get("item_outputs", []):
-                self._conn.execute("INSERT INTO item_outputs VALUES (?,?,?)", row)
+                for detail in details:
+                    for row in dump.get(detail, []):
+                        self._conn.execute(f"INSERT INTO {detail} VALUES ({','.join('?' * len(row))})", row)
         return sum(len(dump.get(table, [])) for table, _ in self._TABLES)
 
     def count(self) -> int:

@@ -79,6 +79,11 @@ class Suite:
         return sha256_json({"data": self.data_hash, "chat_template": self.chat_template, **self.options})
 
     @property
+    def drift_k(self) -> int | None:
+        """Top-k size of the drift reference; None when drift is off for this suite."""
+        return self.options.get("drift_k")
+
+    @property
     def shapes(self) -> set[str]:
         return {d.shape for d in self.documents}
 
@@ -108,8 +113,12 @@ def load_suite(
     *,
     chat_template: bool = True,
     limit: int | None = None,
+    drift_k: int | None = None,
 ) -> Suite:
-    """Read and validate a JSONL suite. Raises SuiteError listing every bad line at once."""
+    """Read and validate a JSONL suite. Raises SuiteError listing every bad line at once.
+
+    ``drift_k``: also measure each checkpoint's drift from the base, with a top-k reference of this size.
+    """
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -149,6 +158,8 @@ def load_suite(
     if limit is not None:
         documents = documents[:limit]
         options["limit"] = limit
+    if drift_k is not None:
+        options["drift_k"] = drift_k  # the base's stored top-k depends on it: part of the identity
     return Suite(
         name=name,
         path=str(path.resolve()),

@@ -8,8 +8,8 @@ import sqlite3
 import pytest
 
 from gate.errors import RunFailure
-from gate.results import DocumentScore, SuiteScore
-from gate.store import ResultsStore, ScoreIdentity, ScoreProvenance
+from gate.results import DocumentScore, Drift, DriftToken, SuiteScore
+from gate.store import STORE_SCHEMA, ResultsStore, ScoreIdentity, ScoreProvenance, StoredReference
 
 PROVENANCE = ScoreProvenance(device="cpu", batch_size=8, seconds=0.1, gate_version="0")
 
@@ -97,5 +97,51 @@ def test_store_from_another_schema_version(tmp_path):
     conn.execute("UPDATE meta SET value='99' WHERE key='schema'")
     conn.commit()
     conn.close()
-    with pytest.raises(RunFailure, match="store schema 99 is not 2"):
+    with pytest.raises(RunFailure, match=f"store schema 99 is not {STORE_SCHEMA}"):
         ResultsStore(path)
+
+
+def drift_score() -> SuiteScore:
+    docs = [
+        DocumentScore(
+            f"d{i}", nll=1.5 + i, tokens=i + 2, bytes=9, kl_sum=0.1 * i + 1 / 7, top1_matches=i + 1,
+            drifted=[DriftToken(index=i, kl=0.25, before="The <b>", token=" cat", after=".", base_top=" dog", checkpoint_top=" cat")],
+        )
+        for i in range(3)
+    ]
+    return SuiteScore.from_documents("s", docs, Drift(k=4, kl_p99=0.75))
+
+
+def test_drift_round_trip_is_exact_and_travels_with_export(tmp_path):
+    reference = [StoredReference(4, bytes(range(16)) * (i + 2), bytes(16) * (i + 2), b"\x01" * 8 * (i + 2)) for i in range(3)]
+    with ResultsStore(tmp_path / "a.sqlite") as store:
+        store.put(identity(model_hash="base"), score(), PROVENANCE, reference=reference)
+        store.put(identity(), drift_score(), PROVENANCE, reference_key=identity(model_hash="base").key)
+        assert store.get(identity().key) == drift_score()
+        assert store.get(identity(model_hash="base").key) == score()  # the base's score carries no drift
+        assert store.get_reference(identity(model_hash="base").key) == reference
+        assert store.get_reference(identity().key) is None
+        dump = store.export(store.keys())
+    with ResultsStore(tmp_path / "b.sqlite") as other:
+        assert other.import_rows(dump) == 2
+        assert other.get(identity().key) == drift_score()
+        assert other.get_reference(identity(model_hash="base").key) == reference
+        other.put(identity(), score(), PROVENANCE)  # rewritten without drift: its drift rows go with the old row
+        assert other.get(identity().key) == score()
+
+
+def test_store_of_schema_2_gains_the_drift_tables_and_keeps_its_scores(tmp_path):
+    path = tmp_path / "gate.sqlite"
+    with ResultsStore(path) as store:
+        store.put(identity(), score(), PROVENANCE)
+    conn = sqlite3.connect(path)
+    for table in ("drift_references", "drift_scores", "document_drift"):
+        conn.execute(f"DROP TABLE {table}")
+    conn.execute("UPDATE meta SET value='2' WHERE key='schema'")
+    conn.commit()
+    conn.close()
+    with ResultsStore(path) as store:
+        assert store.get(identity().key) == score()
+        store.put(identity(model_hash="m2"), drift_score(), PROVENANCE)
+        assert store.get(identity(model_hash="m2").key) == drift_score()
+    assert sqlite3.connect(path).execute("SELECT value FROM meta WHERE key='schema'").fetchone() == (str(STORE_SCHEMA),)

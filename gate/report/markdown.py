@@ -18,11 +18,16 @@ def render_markdown(view: ReportView, report_name: str = "report.html") -> str:
         head.append("## gate: ❌ no checkpoint may ship")
     head += ["", _escape(verdict.reason), ""]
     head += [f"> {_escape(note)}" for note in view.notes]
-    table = ["| checkpoint | step | verdict | " + " | ".join(_escape(c.title) for c in view.columns) + " |"]
-    table.append("| --- | --- | --- | " + " | ".join("---" for _ in view.columns) + " |")
+    drift_titles = [f"{_escape(s)} {m}" for s in view.drift_suites for m in ("kl", "top1")]
+    titles = [_escape(c.title) for c in view.columns] + drift_titles
+    table = ["| checkpoint | step | verdict | " + " | ".join(titles) + " |"]
+    table.append("| --- | --- | --- | " + " | ".join("---" for _ in titles) + " |")
     for row in view.rows:
         name = f"**{_code(_escape(row.name))}** ★" if row.selected else _code(_escape(row.name))
         cells = [f"{EMOJI[c.outcome]} {_escape(c.value)}" for c in row.cells]
+        for suite in view.drift_suites:
+            kl, top1 = row.drift.get(suite, (None, None))
+            cells += ["—", "—"] if kl is None else [f"{kl:.4g}", f"{top1:.1%}"]
         verdict_cell = f"{EMOJI.get(row.verdict, '')} {MARKS.get(row.verdict, ('', row.verdict))[1]}"
         table.append(f"| {name} | {row.step if row.step is not None else '—'} | {verdict_cell} | " + " | ".join(cells) + " |")
     tail = ["", "Policy: " + "; ".join(f"`{g}`" for g in verdict.policy.get("gates", [])), ""]

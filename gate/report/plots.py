@@ -35,6 +35,14 @@ def build_plots(view: ReportView) -> list[Plot]:
         figure = _metric_plot(plt, view, column)
         if figure is not None:
             plots.append(Plot(column.title, _to_uri(plt, figure)))
+    gated = {(c.key[1], c.key[2]) for c in view.columns if c.key[0] == "base"}
+    for suite in view.drift_suites:
+        for metric, title in DRIFT_TITLES.items():
+            if (suite, metric) in gated:
+                continue  # already drawn with its limit and bounds
+            figure = _drift_plot(plt, view, suite, metric)
+            if figure is not None:
+                plots.append(Plot(f"{suite}: {title} by training step", _to_uri(plt, figure)))
     loss = _loss_plot(plt, view)
     if loss is not None:
         plots.append(Plot("training and evaluation loss logged by the Trainer", _to_uri(plt, loss)))
@@ -77,6 +85,35 @@ def _metric_plot(plt, view: ReportView, column):
     ax.set_xlabel("training step")
     ax.set_ylabel(metric)
     ax.set_title(column.title)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+DRIFT_TITLES = {"kl": "KL(base ‖ checkpoint) per token, nats", "top1": "top-1 agreement with the base"}
+
+
+def _drift_plot(plt, view: ReportView, suite: str, metric: str):
+    """A drift metric of one suite against the training step, one line per run, the selected checkpoint starred."""
+    points: dict[str, list] = {}
+    for ckpt in view.results.checkpoints:
+        score = ckpt.scores.get(suite)
+        if ckpt.step is None or score is None or score.drift is None:
+            continue
+        points.setdefault(run_of(ckpt.name), []).append((ckpt.step, score.kl if metric == "kl" else score.top1, ckpt.name))
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 3.2), dpi=100)
+    for run, rows in sorted(points.items()):
+        rows.sort()
+        ax.plot([r[0] for r in rows], [r[1] for r in rows], marker="o", label=run)
+        for step, value, name in rows:
+            if name == view.verdict.selected:
+                ax.plot([step], [value], marker="*", markersize=16, color="black", linestyle="none", label="selected")
+    ax.axhline(0.0 if metric == "kl" else 1.0, color="grey", linestyle="--", linewidth=1, label="base")
+    ax.set_xlabel("training step")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{suite}.{metric}")
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     return fig

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from gate.config import LOWER_IS_BETTER
 from gate.overlap import Overlap
-from gate.results import ModelResult, Results, TaskScore
+from gate.results import DriftToken, ModelResult, Results, TaskScore
 from gate.scan import run_of
 from gate.verdict import Check, CheckpointVerdict, Verdict
 
@@ -64,6 +64,8 @@ class Row:
     weights_hash: str | None
     p_all_pass: str = "—"
     """Chance every gate passes at the family's level (Check.power multiplied), or '—'."""
+    drift: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """Drift suite -> (kl, top1) of this checkpoint, when computed."""
 
 
 @dataclass
@@ -80,6 +82,20 @@ class DocumentChange:
     @property
     def delta(self) -> float:
         return self.checkpoint - self.base
+
+
+@dataclass
+class DocumentDrift:
+    """A document of a drift suite: how far the checkpoint's predictions moved from the base's there."""
+
+    id: str
+    excerpt: str
+    kl: float
+    """Mean KL(base || checkpoint) per scored token, nats."""
+    top1: float
+    """Share of its scored tokens where the two models' most likely next tokens agree."""
+    tokens: list[DriftToken]
+    """The tokens that drifted most, largest KL first."""
 
 
 @dataclass
@@ -170,6 +186,8 @@ class DrillDown:
     """lm-eval suite -> items wrong for the base, right for the checkpoint."""
     outputs: list[SideBySide] = field(default_factory=list)
     """Generation suites (generate, lm-eval generation tasks): base and checkpoint outputs side by side."""
+    drift: dict[str, list[DocumentDrift]] = field(default_factory=dict)
+    """Drift suite -> documents whose next-token distributions moved most (KL per token)."""
 
 
 @dataclass
@@ -205,6 +223,8 @@ class ReportView:
     """Per gate: MDE and items needed at the family's level."""
     family_level: float | None = None
     """alpha / K: the level MDE and items needed are computed at (K checkpoints in the family)."""
+    drift_suites: list[str] = field(default_factory=list)
+    """Suites with drift computed (each adds kl and top1 columns to the summary table)."""
 
     def contaminated_examples(self, o: Overlap, limit: int = 10) -> list[tuple[str, float, str]]:
         """The most contaminated documents of one finding: (id, share, excerpt)."""
@@ -220,7 +240,10 @@ def build_view(results: Results, verdict: Verdict, top: int = 5, flips: int = 10
         _drilldown(v, results.base, by_name[v.name], results, top, flips) for v in verdict.checkpoints if v.name in by_name
     ]
     overlaps = [o for s in results.suites for o in s.overlap]
-    view = ReportView(verdict, results, columns, rows, drilldowns, _notes(results, verdict), _provenance(results, verdict), overlaps)
+    drift_suites = [s.name for s in results.suites if s.drift_k is not None]
+    view = ReportView(
+        verdict, results, columns, rows, drilldowns, _notes(results, verdict), _provenance(results, verdict), overlaps, drift_suites=drift_suites
+    )
     view.sizing = sizing(verdict, columns)
     family = verdict.policy.get("family")
     view.family_level = verdict.alpha / family if family else None
@@ -292,6 +315,7 @@ def _row(v: CheckpointVerdict, results: Results, columns: list[Column], selected
         cells=cells,
         weights_hash=ckpt.weights_hash if ckpt else None,
         p_all_pass=p_all_pass(v),
+        drift={name: (score.kl, score.top1) for name, score in (ckpt.scores.items() if ckpt else ()) if score.drift is not None},
     )
 
 
@@ -327,6 +351,16 @@ def _drilldown(v: CheckpointVerdict, base: ModelResult, ckpt: ModelResult, resul
         ]
         changes.sort(key=lambda c: c.delta, reverse=True)
         down.documents[name] = [c for c in changes[:top] if c.delta > 0]
+    for name, score in ckpt.scores.items():
+        if score.drift is None:
+            continue
+        drifted = [
+            DocumentDrift(d.id, suites[name].excerpts.get(d.id, ""), d.kl_sum / d.tokens, d.top1_matches / d.tokens, d.drifted)
+            for d in score.documents
+            if d.tokens and d.kl_sum
+        ]
+        drifted.sort(key=lambda d: d.kl, reverse=True)
+        down.drift[name] = drifted[:top]
     for name, task in ckpt.tasks.items():
         if name in base.tasks and any(i.output for i in task.items):
             down.outputs.append(side_by_side(name, v.name, base.tasks[name], task, suites[name].checks if name in suites else {}))
@@ -470,6 +504,8 @@ def _provenance(results: Results, verdict: Verdict) -> list[tuple[str, str]]:
             detail += f", {suite.num_fewshot}-shot"
         if suite.limit is not None:
             detail += f", limit {suite.limit}"
+        if suite.drift_k is not None:
+            detail += f", drift top-{suite.drift_k}"
         rows.append((f"suite {suite.name}", detail))
     return rows
 

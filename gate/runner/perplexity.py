@@ -17,18 +17,35 @@ Conventions (part of SCORING_VERSION; changing them changes the store keys):
 
 Per document: nll = -sum over scored tokens t of log p(x_t | x_<t), in nats, accumulated in
 float64 from float32 log-softmax (logits are upcast: bf16 log-probabilities lose ~3 digits).
+
+Drift (a suite with ``drift: true``), in the same forward pass. When the base is scored, each scored
+token keeps the base's top-k log-probabilities b_1..b_k (float32, descending), their token ids and
+the rest mass p_r = 1 - sum_i exp(b_i) (float64): the *drift reference*. A checkpoint's pass reads its
+own log-probabilities c_i at those ids and its rest mass q_r = 1 - sum_i exp(c_i), and computes
+
+    KL_t = sum_i exp(b_i) (b_i - c_i) + p_r (log p_r - log q_r)       (0 log 0 = 0)
+
+the KL divergence KL(base || checkpoint) of the two next-token distributions coarse-grained to k+1
+buckets (the base's top k, and "the rest"). It is exact for that coarse-graining and, by the log-sum
+inequality, a lower bound of the full-vocabulary KL; with k = 32 the rest holds little of the base's
+mass, so the gap is small (bench/drift.py measures it on a real model). Top-1 agreement at t is 1
+when the base's most likely token is (one of) the checkpoint's most likely: c at the base's top id
+equals the checkpoint's maximum log-probability.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable
 
+import numpy as np
 import torch
 
 from gate.errors import RunFailure, SuiteError
-from gate.results import DocumentScore
+from gate.results import DocumentScore, DriftToken
 from gate.suites import Document, Suite
 
 SCORING_VERSION = "ppl-1"
@@ -62,6 +79,8 @@ class Window:
     """Token ids of the slice."""
     scored: list[bool]
     """Which tokens of the slice are scored here (each document token in exactly one window)."""
+    begin: int = 0
+    """Position of the slice's first token in the document."""
 
 
 def context_token_id(tokenizer) -> int:
@@ -153,16 +172,73 @@ def make_windows(docs: list[EncodedDocument], max_length: int, stride: int) -> l
         if n <= max_length:
             windows.append(Window(index, doc.input_ids, doc.scored))
             continue
-        windows.append(Window(index, doc.input_ids[:max_length], doc.scored[:max_length]))
+        windows.append(Window(index, doc.input_ids[:max_length], doc.scored[:max_length], 0))
         scored_until = max_length  # tokens before this position are scored already
         while scored_until < n:
             end = min(scored_until + stride, n)
             begin = end - max_length
             mask = [doc.scored[p] and p >= scored_until for p in range(begin, end)]
             if any(mask):
-                windows.append(Window(index, doc.input_ids[begin:end], mask))
+                windows.append(Window(index, doc.input_ids[begin:end], mask, begin))
             scored_until = end
     return windows
+
+
+DRIFT_WORST = 3  # tokens per document kept for the report (the largest KL)
+DRIFT_CONTEXT = 8  # tokens of context on each side of a reported token
+_ROWS_PER_CHUNK = 1 << 26  # logits elements per chunk of the drift computation (256 MB in float32)
+
+
+@dataclass
+class DriftReference:
+    """The base's top-k next-token distribution at each scored token of one document, in order."""
+
+    logprobs: np.ndarray
+    """(tokens, k) float32: the base's k largest log-probabilities, descending."""
+    indices: np.ndarray
+    """(tokens, k) int32: their token ids."""
+    rest: np.ndarray
+    """(tokens,) float64: the base's probability mass outside its top k."""
+
+
+@dataclass
+class DriftRun:
+    """What drift work a scoring pass does: capture the base's reference, or compare with it."""
+
+    k: int
+    """Top-k size of the reference."""
+    reference: list[DriftReference] | None = None
+    """Per document (suite order), the base's reference; None: this pass captures it (the base)."""
+    tokenizer: object = None
+    """Decodes the reported tokens (a checkpoint's pass)."""
+    captured: list[DriftReference] = field(default_factory=list)
+    """Filled by the base's pass: its reference, per document."""
+    token_kl: list[np.ndarray] = field(default_factory=list)
+    """Filled by a checkpoint's pass: the KL at every scored token of the suite (for percentiles)."""
+
+    @property
+    def capturing(self) -> bool:
+        return self.reference is None
+
+
+@dataclass
+class _WindowDrift:
+    """One window's drift numbers, per scored token (in position order)."""
+
+    positions: list[int]
+    """Document positions of the scored tokens."""
+    kl: np.ndarray | None = None
+    """Checkpoint pass: KL(base || checkpoint) per token."""
+    match: np.ndarray | None = None
+    """Checkpoint pass: top-1 agreement per token (bool)."""
+    top: np.ndarray | None = None
+    """Checkpoint pass: the checkpoint's most likely token id per token."""
+    logprobs: np.ndarray | None = None
+    """Base pass: (tokens, k) top-k log-probabilities."""
+    indices: np.ndarray | None = None
+    """Base pass: (tokens, k) token ids."""
+    rest: np.ndarray | None = None
+    """Base pass: rest mass per token."""
 
 
 def score_documents(
@@ -175,18 +251,28 @@ def score_documents(
     device: torch.device,
     pad_id: int,
     on_progress: Callable[[int, int], None] = lambda done, total: None,
+    drift: DriftRun | None = None,
 ) -> tuple[list[DocumentScore], int]:
-    """Score documents; returns their records and the batch size finally used."""
+    """Score documents; returns their records and the batch size finally used.
+
+    With ``drift``, the same forward passes also capture the base's reference (``drift.captured``)
+    or compare with it (per-document kl_sum, top1_matches, the most drifted tokens; ``drift.token_kl``).
+    """
     windows = make_windows(docs, max_length, stride)
     remaining = [0] * len(docs)
     for w in windows:
         remaining[w.doc] += 1
     nll = [0.0] * len(docs)
+    pieces: list[list[tuple[int, _WindowDrift]]] = [[] for _ in docs]
     finished = 0
+    slots = _reference_slots(docs) if drift is not None else None
 
-    def consume(batch: list[Window], values: list[float]) -> None:
+    def consume(batch: list[Window], values: list) -> None:
         nonlocal finished
         for window, value in zip(batch, values):
+            if drift is not None:
+                value, window_drift = value
+                pieces[window.doc].append((window.begin, window_drift))
             nll[window.doc] += value
             remaining[window.doc] -= 1
             finished += remaining[window.doc] == 0
@@ -195,16 +281,96 @@ def score_documents(
     # Longest first: similar lengths share a batch (little padding), and an out-of-memory
     # error shows up on the first batch rather than after an hour.
     order = sorted(windows, key=lambda w: len(w.input_ids), reverse=True)
-    used = run_batches(model, order, batch_size, device, pad_id, consume)
+    forward = None
+    if drift is not None:
+        forward = partial(_forward, drift=drift, reference=lambda w: _window_reference(drift, slots, w))
+    used = run_batches(model, order, batch_size, device, pad_id, consume, forward)
     records = []
-    for doc, value in zip(docs, nll):
+    for index, (doc, value) in enumerate(zip(docs, nll)):
         if not math.isfinite(value):
             raise RunFailure(
                 f"document {doc.id!r} has a non-finite log-likelihood ({value}); the weights or the "
                 "dtype overflow (try --dtype float32)"
             )
-        records.append(DocumentScore(id=doc.id, nll=value, tokens=doc.n_scored, bytes=doc.bytes))
+        record = DocumentScore(id=doc.id, nll=value, tokens=doc.n_scored, bytes=doc.bytes)
+        if drift is not None:
+            _finish_drift(drift, index, doc, record, sorted(pieces[index], key=lambda p: p[0]))
+        records.append(record)
     return records, used
+
+
+def _reference_slots(docs: list[EncodedDocument]) -> list[list[int]]:
+    """Per document, position -> index among its scored tokens (the reference's row), -1 if unscored."""
+    slots = []
+    for doc in docs:
+        row, out = 0, []
+        for s in doc.scored:
+            out.append(row if s else -1)
+            row += s
+        slots.append(out)
+    return slots
+
+
+def _window_reference(drift: DriftRun, slots, window: Window) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The base's reference rows for a window's scored tokens (None while capturing it)."""
+    if drift.capturing:
+        return None
+    ref = drift.reference[window.doc]
+    rows = [slots[window.doc][window.begin + p] for p, s in enumerate(window.scored) if s]
+    if ref.logprobs.shape[0] != len(slots[window.doc]) - slots[window.doc].count(-1):
+        raise RunFailure("the stored drift reference does not match the suite's tokens; delete gate.sqlite and re-run")
+    return (
+        torch.from_numpy(ref.logprobs[rows]),
+        torch.from_numpy(ref.indices[rows].astype(np.int64)),
+        torch.from_numpy(ref.rest[rows]),
+    )
+
+
+def _finish_drift(drift: DriftRun, index: int, doc: EncodedDocument, record: DocumentScore, pieces: list[tuple[int, _WindowDrift]]) -> None:
+    """Join a document's windows (in position order) into its reference or its drift record."""
+    parts = [p for _, p in pieces]
+    if drift.capturing:
+        drift.captured.append(
+            DriftReference(
+                logprobs=np.concatenate([p.logprobs for p in parts]),
+                indices=np.concatenate([p.indices for p in parts]),
+                rest=np.concatenate([p.rest for p in parts]),
+            )
+        )
+        return
+    kl = np.concatenate([p.kl for p in parts])
+    if not np.isfinite(kl).all():
+        raise RunFailure(
+            f"document {doc.id!r} has a non-finite KL divergence to the base; the weights or the dtype overflow "
+            "(try --dtype float32)"
+        )
+    match = np.concatenate([p.match for p in parts])
+    top = np.concatenate([p.top for p in parts])
+    positions = [q for p in parts for q in p.positions]
+    ref = drift.reference[index]
+    drift.token_kl.append(kl)
+    record.kl_sum = math.fsum(kl.tolist())
+    record.top1_matches = int(match.sum())
+    worst = heapq.nlargest(DRIFT_WORST, range(len(kl)), key=lambda i: kl[i])
+    record.drifted = [
+        _drift_token(drift.tokenizer, doc, positions[i], float(kl[i]), int(ref.indices[i, 0]), int(top[i]))
+        for i in worst
+        if kl[i] > 0
+    ]
+
+
+def _drift_token(tokenizer, doc: EncodedDocument, position: int, kl: float, base_top: int, top: int) -> DriftToken:
+    ids = doc.input_ids
+    decode = (lambda t: tokenizer.decode(t)) if tokenizer is not None else (lambda t: " ".join(map(str, t)))
+    return DriftToken(
+        index=sum(doc.scored[:position]),
+        kl=kl,
+        before=decode(ids[max(0, position - DRIFT_CONTEXT) : position]),
+        token=decode([ids[position]]),
+        after=decode(ids[position + 1 : position + 1 + DRIFT_CONTEXT]),
+        base_top=decode([base_top]),
+        checkpoint_top=decode([top]),
+    )
 
 
 def run_batches(
@@ -245,8 +411,11 @@ def is_out_of_memory(err: BaseException) -> bool:
 
 
 @torch.inference_mode()
-def _forward(model, batch: list[Window], device: torch.device, pad_id: int) -> list[float]:
-    """One padded forward pass; returns each window's summed nll over its scored tokens."""
+def _forward(model, batch: list[Window], device: torch.device, pad_id: int, drift: DriftRun | None = None, reference=None) -> list:
+    """One padded forward pass; returns each window's summed nll over its scored tokens.
+
+    With ``drift``, each window's value is (nll, _WindowDrift), from the same logits.
+    """
     width = max(len(w.input_ids) for w in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     attention = torch.zeros((len(batch), width), dtype=torch.long)
@@ -263,7 +432,70 @@ def _forward(model, batch: list[Window], device: torch.device, pad_id: int) -> l
         targets = [p for p, s in enumerate(window.scored) if s]
         labels[row, [p - 1 for p in targets]] = torch.tensor([window.input_ids[p] for p in targets], dtype=torch.long)
     flat = logits.reshape(-1, logits.shape[-1])
+    if drift is not None:
+        return _forward_drift(flat, labels, batch, drift, reference)
     if flat.dtype != torch.float32:
         flat = flat.float()
     nll = torch.nn.functional.cross_entropy(flat, labels.view(-1).to(flat.device), ignore_index=-100, reduction="none")
     return nll.view(len(batch), width).double().sum(dim=1).tolist()
+
+
+def _forward_drift(flat: torch.Tensor, labels: torch.Tensor, batch: list[Window], drift: DriftRun, reference) -> list:
+    """nll and drift from the scored rows only, in chunks that bound the float32 log-softmax's memory.
+
+    The log-softmax of the scored rows is the one cross_entropy computes, so nll is the same
+    number; top-k, gathers and the KL work on (tokens x k) numbers and cost little beside it.
+    """
+    flat_labels = labels.view(-1)
+    rows = (flat_labels != -100).nonzero().squeeze(1)  # row-major: window by window, positions ascending
+    counts = [sum(w.scored) for w in batch]
+    targets = flat_labels[rows].to(flat.device)
+    rows = rows.to(flat.device)
+    chunk = max(1, _ROWS_PER_CHUNK // flat.shape[-1])
+    nll_parts, drift_parts = [], []
+    refs = None if drift.capturing else [reference(w) for w in batch]
+    ref_cat = None if refs is None else [torch.cat(parts) for parts in zip(*refs)]
+    for start in range(0, len(rows), chunk):
+        picked = flat[rows[start : start + chunk]].float()
+        logp = torch.log_softmax(picked, dim=-1)
+        del picked
+        nll_parts.append(-logp.gather(1, targets[start : start + chunk, None]).squeeze(1).double().cpu())
+        if drift.capturing:
+            if drift.k > logp.shape[-1]:
+                raise RunFailure(f"drift_k {drift.k} exceeds the model's vocabulary ({logp.shape[-1]} tokens)")
+            values, indices = torch.topk(logp, drift.k, dim=-1)
+            rest = (1.0 - values.double().exp().sum(dim=-1)).clamp_min(0.0)
+            drift_parts.append((values.cpu(), indices.to(torch.int32).cpu(), rest.cpu()))
+        else:
+            b, idx, p_rest = (t[start : start + chunk] for t in ref_cat)
+            drift_parts.append(_compare(logp, b, idx.to(logp.device), p_rest))
+    nll = torch.cat(nll_parts)
+    joined = [torch.cat(parts) for parts in zip(*drift_parts)]
+    out, offset = [], 0
+    for window, n in zip(batch, counts):
+        sl = slice(offset, offset + n)
+        positions = [window.begin + p for p, s in enumerate(window.scored) if s]
+        if drift.capturing:
+            part = _WindowDrift(positions, logprobs=joined[0][sl].numpy(), indices=joined[1][sl].numpy(), rest=joined[2][sl].numpy())
+        else:
+            part = _WindowDrift(positions, kl=joined[0][sl].numpy(), match=joined[1][sl].numpy(), top=joined[2][sl].numpy())
+        out.append((float(nll[sl].sum()), part))
+        offset += n
+    return out
+
+
+def _compare(logp: torch.Tensor, b: torch.Tensor, idx: torch.Tensor, p_rest: torch.Tensor):
+    """Per token: KL over the base's top-k buckets plus the rest, top-1 agreement, the checkpoint's top id."""
+    c = logp.gather(1, idx).double().cpu()
+    b = b.double()
+    p = b.exp()
+    # Terms where the base gives no probability are 0 (0 log 0 = 0), whatever the checkpoint says.
+    head = torch.where(p > 0, p * (b - c), torch.zeros_like(p)).sum(dim=-1)
+    q_rest = (1.0 - c.exp().sum(dim=-1)).clamp_min(0.0)
+    # A rest mass lost to rounding (q_r -> 0) is floored: a smaller KL, so still a lower bound.
+    tail = torch.where(p_rest > 0, p_rest * (p_rest.clamp_min(1e-300).log() - q_rest.clamp_min(1e-30).log()), torch.zeros_like(p_rest))
+    # Rounding can leave -1e-17 where the distributions agree; KL is never negative.
+    kl = (head + tail).clamp_min(0.0)  # NaN stays NaN: reported as a failure, never averaged
+    best = logp.max(dim=-1)
+    match = (logp.gather(1, idx[:, :1]).squeeze(1) >= best.values).cpu()
+    return kl, match, best.indices.cpu()

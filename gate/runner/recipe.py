@@ -2,13 +2,14 @@
 
 1. identify the base, the settings and every (model, suite) score by content hashes;
 2. tokenize the perplexity suites and load the lm-eval tasks, before any model (bad data fails fast);
-3. full-weight checkpoints stand alone: each is loaded by itself and scored on the perplexity suites;
-4. the base, loaded once, is scored on every suite before any adapter touches it;
-5. each adapter in turn on the same base: attach, score the perplexity suites, detach;
-6. the funnel picks the checkpoints that get the (expensive) lm-eval suites;
-7. those adapters are attached again in turn and scored on the lm-eval suites; the base is freed;
-8. selected full checkpoints get the lm-eval suites;
-9. results.json is assembled from the results store, the single source of truth.
+3. drift suites: the base's top-k reference is computed (and stored) first where a checkpoint needs it;
+4. full-weight checkpoints stand alone: each is loaded by itself and scored on the perplexity suites;
+5. the base, loaded once, is scored on every suite before any adapter touches it;
+6. each adapter in turn on the same base: attach, score the perplexity suites, detach;
+7. the funnel picks the checkpoints that get the (expensive) lm-eval suites;
+8. those adapters are attached again in turn and scored on the lm-eval suites; the base is freed;
+9. selected full checkpoints get the lm-eval suites;
+10. results.json is assembled from the results store, the single source of truth.
 
 Only (model, suite) pairs missing from the store are scored, so a re-run costs nothing and a new
 checkpoint costs one checkpoint. Each pair is stored as soon as it is scored.
@@ -22,6 +23,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
+
+import numpy as np
 
 import gate
 from gate.errors import (
@@ -42,6 +45,7 @@ from gate.results import (
     Results,
     RunSettings,
     SuiteInfo,
+    Drift,
     SuiteScore,
     unpaired_items,
     write_results,
@@ -49,9 +53,9 @@ from gate.results import (
 from gate.runner import generate as generation
 from gate.runner import harness
 from gate.runner import model as models
-from gate.runner.perplexity import SCORING_VERSION, encode_suite, score_documents
+from gate.runner.perplexity import SCORING_VERSION, DriftReference, DriftRun, encode_suite, score_documents
 from gate.scan import Checkpoint
-from gate.store import STORE_NAME, ResultsStore, ScoreIdentity, ScoreProvenance
+from gate.store import STORE_NAME, ResultsStore, ScoreIdentity, ScoreProvenance, StoredReference
 
 RESULTS_NAME = "results.json"
 WORK_DIR = ".gate"  # under the output folder: localized task YAMLs
@@ -116,6 +120,7 @@ def run(request: RunRequest, progress: ProgressFn = no_progress) -> RunOutcome:
         context = models.context_size(base_config, models.read_tokenizer_config(base_dir))
         max_length, stride = models.choose_window(request.max_length, request.stride, context)
         _check_generation_room(request, context)
+        _check_drift_k(request, base_config)
         device = models.choose_device(request.device)
         dtype = models.choose_dtype(request.dtype, device)
         if request.task_specs:
@@ -180,38 +185,47 @@ def run(request: RunRequest, progress: ProgressFn = no_progress) -> RunOutcome:
             outcome=outcome,
         )
 
-        # 3. Full-weight checkpoints, each alone, before the base takes the memory.
-        for plan in fulls:
-            scorer.full_checkpoint(plan, perplexity_suites)
-
-        # 4. The base, loaded once, on every suite, before any adapter is injected into it.
         base = _LoadedBase(
             lambda: models.load_model(base_dir, device, dtype, request.trust_remote_code),
             outcome,
             key=(str(base_dir), base_hash, str(device), str(dtype)) if request.keep_base_loaded else None,
         )
+
+        # 3. Drift references: the base's top-k on every drift suite that a checkpoint of this run
+        # still needs (a worker or shard whose share lacks the base computes them for itself).
+        pending = scorer.missing_references(base_plan, checkpoints)
+        if pending:
+            scorer.score(base.model(), base_plan, pending, force=True)
+            if any(scorer.needs(p, perplexity_suites) for p in fulls):
+                base.release()  # a full checkpoint stands alone in memory
+
+        # 4. Full-weight checkpoints, each alone, before the base takes the memory.
+        for plan in fulls:
+            scorer.full_checkpoint(plan, perplexity_suites)
+
+        # 5. The base, loaded once, on every suite, before any adapter is injected into it.
         if scorer.needs(base_plan, perplexity_suites + task_suites):
             scorer.score(base.model(), base_plan, perplexity_suites + task_suites)
 
-        # 5. Each adapter in turn on the same base: attach, score, detach.
+        # 6. Each adapter in turn on the same base: attach, score, detach.
         for plan in adapters:
             scorer.adapter(base, plan, perplexity_suites)
 
-        # 6. The funnel: lm-eval suites only for the best checkpoints.
+        # 7. The funnel: lm-eval suites only for the best checkpoints.
         selected = _funnel(request, checkpoints, task_suites, store, scorer)
 
-        # 7. lm-eval suites on the selected adapters; then the base is freed.
+        # 8. lm-eval suites on the selected adapters; then the base is freed.
         for plan in adapters:
             if plan.name in selected:
                 scorer.adapter(base, plan, task_suites)
         base.release()
 
-        # 8. lm-eval suites on the selected full checkpoints.
+        # 9. lm-eval suites on the selected full checkpoints.
         for plan in fulls:
             if plan.name in selected:
                 scorer.full_checkpoint(plan, task_suites)
 
-        # 9. Assemble results.json from the store.
+        # 10. Assemble results.json from the store.
         results = _assemble(request, plans, tasks, settings, store, outcome)
     outcome.results = results
     computed = set(outcome.computed)
@@ -292,6 +306,7 @@ def _plan(
             lora=None if ckpt.lora is None else vars(ckpt.lora),
         )
         plans.append(ModelPlan(result=result, checkpoint=ckpt))
+    drift_suites = {s.name for s in request.suites if s.drift_k is not None}
     for plan in plans:
         if plan.result.status != "ok":
             continue
@@ -304,12 +319,16 @@ def _plan(
         # changes (and rescores) only those.
         model_versions = {k: v for k, v in versions.items() if k != "peft" or plan.result.kind == "lora"}
         for name, identity in suite_identities.items():
+            numbers_settings = key_settings
+            if name in drift_suites and plan is not base:
+                # A checkpoint's drift is computed against the base's stored top-k: its key names that score.
+                numbers_settings = {**key_settings, "drift_reference": base.identities[name].key}
             plan.identities[name] = ScoreIdentity(
                 base_hash=None if is_full else base_hash,
                 model_hash=plan.result.weights_hash,
                 tokenizer_hash=tok_hash,
                 suite_identity=identity,
-                settings=key_settings,
+                settings=numbers_settings,
                 versions={**model_versions, **({"lm_eval": settings.lm_eval} if name in task_names else {})},
             )
     return plans
@@ -364,6 +383,18 @@ def _funnel(request: RunRequest, checkpoints: list[ModelPlan], task_suites, stor
     return selected
 
 
+def _check_drift_k(request: RunRequest, base_config: dict) -> None:
+    """k of a drift suite cannot exceed the vocabulary: refuse it before any model loads."""
+    vocab = base_config.get("vocab_size")
+    for suite in request.suites:
+        if suite.drift_k is not None and vocab is not None and suite.drift_k > vocab:
+            where = request.config_path or "gate.yaml"
+            raise ConfigError(
+                where,
+                [f"suite {suite.name!r}: drift_k {suite.drift_k} exceeds the base's vocabulary ({vocab} tokens); lower drift_k"],
+            )
+
+
 def _allowed(request: RunRequest, model: str, suite: str) -> bool:
     """Whether this run may compute the pair (``only`` is a distributed worker's or shard's share)."""
     return request.only is None or suite in request.only.get(model, ())
@@ -401,8 +432,21 @@ class _Scorer:
     def tokenizer(self):
         return self.load_tokenizer()
 
+    references: dict = field(default_factory=dict)
+    """Suite -> the base's drift reference (per document), read from the store once."""
+
     def needs(self, plan: ModelPlan, suites: list[str]) -> bool:
         return plan.result.status == "ok" and any(self._due(plan.name, s) for s in suites)
+
+    def missing_references(self, base: ModelPlan, checkpoints: list[ModelPlan]) -> list[str]:
+        """Drift suites that a checkpoint of this run still needs and whose base reference is not stored."""
+        return [
+            s.name
+            for s in self.request.suites
+            if s.drift_k is not None
+            and any(self._due(p.name, s.name) for p in checkpoints)
+            and not self.store.has(base.identities[s.name].key)
+        ]
 
     def _due(self, model: str, suite: str) -> bool:
         """Missing from the store, and this run's to compute."""
@@ -437,6 +481,7 @@ class _Scorer:
             )
             if problem:
                 raise CheckpointError(problem)
+            self._check_drift_vocabulary(plan, suites)
             model = load()
         except GateError as err:
             _fail(plan, err, self.outcome)
@@ -447,9 +492,11 @@ class _Scorer:
             model = None  # drop our reference before release() frees the memory
             release()
 
-    def score(self, model, plan: ModelPlan, suites: list[str]) -> None:
+    def score(self, model, plan: ModelPlan, suites: list[str], force: bool = False) -> None:
+        """Score the suites still due (``force``: due even outside this run's share: drift references)."""
         for suite in suites:
-            if not self._due(plan.name, suite) or plan.result.status != "ok":
+            due = (plan.name, suite) in self.todo if force else self._due(plan.name, suite)
+            if not due or plan.result.status != "ok":
                 continue
             try:
                 if suite in self.tasks:
@@ -476,9 +523,46 @@ class _Scorer:
             gate_version=gate.__version__,
         )
 
+    def _check_drift_vocabulary(self, plan: ModelPlan, suites: list[str]) -> None:
+        """Drift compares next-token distributions token id by token id: the vocabularies must be one."""
+        drift = [s.name for s in self.request.suites if s.drift_k is not None and s.name in suites]
+        if not drift or plan.checkpoint.kind != "full":
+            return  # an adapter's vocabulary is the base's (tokenizer_problem refuses resized embeddings)
+        own = models.read_model_config(Path(plan.checkpoint.path)).get("vocab_size")
+        if own is not None and self.vocab_size is not None and own != self.vocab_size:
+            raise CheckpointError(
+                f"{plan.name}: its vocabulary has {own} tokens but the base's has {self.vocab_size}; drift (suite "
+                f"{drift[0]!r}) compares the two next-token distributions token by token, so it cannot be measured: "
+                "turn drift off for this run or evaluate a checkpoint with the base's vocabulary"
+            )
+
+    def _reference(self, base_key: str, suite: str) -> list[DriftReference]:
+        if suite not in self.references:
+            stored = self.store.get_reference(base_key)
+            if stored is None:
+                raise RunFailure(
+                    f"the base's drift reference for suite {suite!r} is not in the results store; run the same command again"
+                )
+            self.references[suite] = [
+                DriftReference(
+                    logprobs=np.frombuffer(r.logprobs, dtype="<f4").reshape(-1, r.k),
+                    indices=np.frombuffer(r.indices, dtype="<i4").reshape(-1, r.k),
+                    rest=np.frombuffer(r.rest, dtype="<f8"),
+                )
+                for r in stored
+            ]
+        return self.references[suite]
+
     def _perplexity(self, model, plan: ModelPlan, suite: str) -> None:
         docs = self.encoded[suite]
         name = plan.name
+        k = next(s.drift_k for s in self.request.suites if s.name == suite)
+        drift, reference_key = None, None
+        if k is not None and plan.checkpoint is None:
+            drift = DriftRun(k)
+        elif k is not None:
+            reference_key = plan.identities[suite].settings["drift_reference"]
+            drift = DriftRun(k, reference=self._reference(reference_key, suite), tokenizer=self.tokenizer)
         self.progress(ProgressEvent("start", model=name, suite=suite, total=len(docs)))
         began = time.perf_counter()
         records, used = score_documents(
@@ -492,9 +576,19 @@ class _Scorer:
             on_progress=lambda done, total: self.progress(
                 ProgressEvent("advance", model=name, suite=suite, done=done, total=total)
             ),
+            drift=drift,
         )
-        score = SuiteScore.from_documents(suite, records)
-        self.store.put(plan.identities[suite], score, self._provenance(began, used))
+        summary, reference = None, None
+        if drift is not None and drift.capturing:
+            reference = [
+                StoredReference(k, r.logprobs.astype("<f4").tobytes(), r.indices.astype("<i4").tobytes(), r.rest.astype("<f8").tobytes())
+                for r in drift.captured
+            ]
+            self.references[suite] = drift.captured
+        elif drift is not None:
+            summary = Drift(k=k, kl_p99=float(np.percentile(np.concatenate(drift.token_kl), 99)))
+        score = SuiteScore.from_documents(suite, records, summary)
+        self.store.put(plan.identities[suite], score, self._provenance(began, used), reference, reference_key)
         self.progress(ProgressEvent("done", model=name, suite=suite, done=len(docs), total=len(docs)))
 
     def _generate(self, model, plan: ModelPlan, suite: str) -> None:
@@ -588,6 +682,7 @@ def _assemble(request, plans: list[ModelPlan], tasks, settings, store: ResultsSt
             limit=s.options.get("limit"),
             excerpts={d.id: d.excerpt() for d in s.documents},
             overlap=[o for o in request.overlaps if o.suite == s.name],
+            drift_k=s.drift_k,
         )
         for s in request.suites
     ] + [

@@ -1,0 +1,413 @@
+"""Drift (KL to the base, top-1 agreement) against an independent full-vocabulary computation."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import CONTEXT
+from gate.cli import main
+from gate.errors import RunFailure
+from gate.runner.perplexity import DriftRun, encode_suite, score_documents
+from gate.suites import load_suite
+
+
+@pytest.fixture(scope="module")
+def tokenizer(world):
+    return AutoTokenizer.from_pretrained(world.base)
+
+
+@pytest.fixture(scope="module")
+def base_model(world):
+    return AutoModelForCausalLM.from_pretrained(world.base, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def tuned(world):
+    base = AutoModelForCausalLM.from_pretrained(world.base, dtype=torch.float32)
+    return PeftModel.from_pretrained(base, world.checkpoints / "run-a/checkpoint-4").eval()
+
+
+def score(model, docs, drift, batch_size=4, max_length=CONTEXT):
+    return score_documents(
+        model, docs, max_length=max_length, stride=max_length // 2, batch_size=batch_size,
+        device=torch.device("cpu"), pad_id=0, drift=drift,
+    )[0]
+
+
+def drift_of(base_model, model, docs, k, tokenizer=None, **kw):
+    capture = DriftRun(k)
+    score(base_model, docs, capture, **kw)
+    run = DriftRun(k, reference=capture.captured, tokenizer=tokenizer)
+    return score(model, docs, run, **kw), run, capture
+
+
+def full_distributions(model, ids: list[int]) -> np.ndarray:
+    """One document, one plain forward pass, float64 log-softmax over the whole vocabulary."""
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].double()
+    return torch.log_softmax(logits, dim=-1).numpy()
+
+
+def independent(base_model, model, doc, k):
+    """Per scored token: full KL, the (k+1)-bucket KL and top-1 agreement, from full distributions."""
+    lb, lc = full_distributions(base_model, doc.input_ids), full_distributions(model, doc.input_ids)
+    full, bucketed, agree = [], [], []
+    for p in (p for p, s in enumerate(doc.scored) if s):
+        b, c = lb[p - 1], lc[p - 1]
+        pb, pc = np.exp(b), np.exp(c)
+        full.append(float(np.sum(pb * (b - c))))
+        top = np.argsort(-b, kind="stable")[:k]
+        rest_b, rest_c = 1 - pb[top].sum(), 1 - pc[top].sum()
+        tail = rest_b * (math.log(rest_b) - math.log(rest_c)) if rest_b > 1e-12 else 0.0
+        bucketed.append(float(np.sum(pb[top] * (b[top] - c[top])) + tail))
+        agree.append(int(np.argmax(b) == np.argmax(c)))
+    return np.array(full), np.array(bucketed), np.array(agree)
+
+
+@pytest.mark.parametrize("k", [1, 4, 32])
+def test_bucketed_kl_and_top1_match_an_independent_computation(world, base_model, tuned, tokenizer, k):
+    suite = load_suite("text", world.suites / "text.jsonl")
+    docs = encode_suite(suite, tokenizer)
+    records, run, _ = drift_of(base_model, tuned, docs, k, tokenizer)
+    total_full = total_bucketed = 0.0
+    for doc, record, token_kl in zip(docs, records, run.token_kl):
+        full, bucketed, agree = independent(base_model, tuned, doc, k)
+        assert token_kl == pytest.approx(bucketed, rel=1e-4, abs=1e-7)
+        assert record.kl_sum == pytest.approx(bucketed.sum(), rel=1e-4, abs=1e-6)
+        assert record.top1_matches == agree.sum()
+        assert np.all(token_kl <= full + 1e-6)  # a lower bound of the full KL, token by token
+        total_full += full.sum()
+        total_bucketed += bucketed.sum()
+    assert total_full / sum(d.n_scored for d in docs) > 0.01  # the fine-tune did move (nats per token)
+    if k == 32:  # most of the base's mass is in its top 32 of 512 tokens
+        assert total_bucketed / total_full > 0.9
+
+
+def test_with_k_the_whole_vocabulary_the_kl_is_the_full_kl(world, base_model, tuned, tokenizer):
+    suite = load_suite("prompt", world.suites / "prompt.jsonl")
+    docs = encode_suite(suite, tokenizer)
+    vocab = base_model.config.vocab_size
+    records, _, _ = drift_of(base_model, tuned, docs, vocab, tokenizer)
+    for doc, record in zip(docs, records):
+        full, _, _ = independent(base_model, tuned, doc, vocab)
+        assert record.kl_sum == pytest.approx(full.sum(), rel=1e-4, abs=1e-6)
+
+
+def test_windows_line_up_with_the_reference(world, base_model, tokenizer):
+    """Long documents, several windows, batches in another order: the base against itself is 0, all agree."""
+    suite = load_suite("long", world.suites / "long.jsonl")
+    docs = encode_suite(suite, tokenizer)
+    assert len(docs[0].input_ids) > CONTEXT
+    capture = DriftRun(8)
+    score(base_model, docs, capture, batch_size=1)
+    run = DriftRun(8, reference=capture.captured, tokenizer=tokenizer)
+    records = score(base_model, docs, run, batch_size=1)
+    for doc, record in zip(docs, records):
+        assert record.kl_sum == pytest.approx(0.0, abs=1e-9)
+        assert record.top1_matches == doc.n_scored
+        assert record.drifted == []
+
+
+def test_windowed_documents_match_an_independent_per_window_computation(world, base_model, tuned, tokenizer):
+    """Each token of a long document is compared in the window that scores it."""
+    from gate.runner.perplexity import make_windows
+
+    suite = load_suite("long", world.suites / "long.jsonl")
+    docs = encode_suite(suite, tokenizer)[:1]
+    records, run, _ = drift_of(base_model, tuned, docs, 16, tokenizer, batch_size=3)
+    expected = []
+    for w in make_windows(docs, CONTEXT, CONTEXT // 2):
+        lb, lc = full_distributions(base_model, w.input_ids), full_distributions(tuned, w.input_ids)
+        for p in (p for p, s in enumerate(w.scored) if s):
+            b, c = lb[p - 1], lc[p - 1]
+            top = np.argsort(-b)[:16]
+            rb, rc = 1 - np.exp(b[top]).sum(), 1 - np.exp(c[top]).sum()
+            expected.append(float(np.sum(np.exp(b[top]) * (b[top] - c[top])) + rb * math.log(rb / rc)))
+    assert run.token_kl[0] == pytest.approx(np.array(expected), rel=1e-4, abs=1e-7)
+    worst = records[0].drifted
+    assert worst and worst[0].kl == pytest.approx(max(expected), rel=1e-4)
+    assert [t.kl for t in worst] == sorted((t.kl for t in worst), reverse=True)
+
+
+def test_reported_tokens_show_context_and_both_top_tokens(world, base_model, tuned, tokenizer):
+    suite = load_suite("text", world.suites / "text.jsonl")
+    docs = encode_suite(suite, tokenizer)
+    records, run, capture = drift_of(base_model, tuned, docs, 32, tokenizer)
+    doc, record = docs[0], records[0]
+    lb, lc = full_distributions(base_model, doc.input_ids), full_distributions(tuned, doc.input_ids)
+    positions = [p for p, s in enumerate(doc.scored) if s]
+    top = record.drifted[0]
+    p = positions[top.index]
+    assert top.kl == pytest.approx(run.token_kl[0].max(), rel=1e-9)
+    assert top.token == tokenizer.decode([doc.input_ids[p]])
+    assert top.base_top == tokenizer.decode([int(np.argmax(lb[p - 1]))])
+    assert top.checkpoint_top == tokenizer.decode([int(np.argmax(lc[p - 1]))])
+    assert top.before == tokenizer.decode(doc.input_ids[max(0, p - 8) : p])
+
+
+def test_non_finite_log_probabilities_fail_instead_of_being_averaged(world, base_model, tokenizer):
+    suite = load_suite("text", world.suites / "text.jsonl")
+    docs = encode_suite(suite, tokenizer)
+    capture = DriftRun(8)
+    score(base_model, docs, capture)
+    broken = AutoModelForCausalLM.from_pretrained(world.base, dtype=torch.float32).eval()
+    with torch.no_grad():
+        broken.lm_head.weight[3].fill_(math.inf)  # one token's logit is infinite: NaN log-probabilities
+    with pytest.raises(RunFailure, match="non-finite"):
+        score(broken, docs, DriftRun(8, reference=capture.captured, tokenizer=tokenizer))
+
+
+# --- through `gate run` and `gate check` ---------------------------------------------------------
+
+
+def write_config(world, path, extra="", suite_extra="", gates=""):
+    path.write_text(
+        f"base: {world.base}\n{extra}"
+        "suites:\n"
+        f"  - {{name: text, path: {world.suites / 'text.jsonl'}{suite_extra}}}\n"
+        f"  - {{name: long, path: {world.suites / 'long.jsonl'}}}\n"
+        + gates
+    )
+    return path
+
+
+def run_gate(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    assert "Traceback" not in result.output
+    return result
+
+
+DRIFT_GATES = (
+    "gates:\n"
+    "  - {suite: text, metric: perplexity, max_increase: 50%}\n"
+    "  - {suite: text, metric: kl, max: 0.05}\n"
+    "  - {suite: text, metric: top1, min: 0.9}\n"
+)
+
+
+@pytest.fixture(scope="module")
+def drift_run(world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("drift-run")
+    config = write_config(world, out / "gate.yaml", suite_extra=", drift: true, drift_k: 16", gates=DRIFT_GATES)
+    result = run_gate("run", world.checkpoints, "--config", config, "--out", out / "reports")
+    return out, config, result
+
+
+def test_run_reports_drift_per_checkpoint(drift_run, world, base_model, tuned, tokenizer):
+    out, _, result = drift_run
+    assert result.exit_code in (0, 1), result.output
+    results = json.loads((out / "reports/results.json").read_text())
+    assert {s["name"]: s["drift_k"] for s in results["suites"]} == {"text": 16, "long": None}
+    assert "kl" not in results["base"]["scores"]["text"]
+    by_name = {c["name"]: c for c in results["checkpoints"]}
+    untrained = by_name["untrained"]["scores"]["text"]
+    assert untrained["kl"] == 0.0 and untrained["top1"] == 1.0  # B = 0: the base itself
+    assert "kl" not in by_name["untrained"]["scores"]["long"]
+    trained = by_name["run-a/checkpoint-4"]["scores"]["text"]
+    docs = encode_suite(load_suite("text", world.suites / "text.jsonl", drift_k=16), tokenizer)
+    expected = [independent(base_model, tuned, d, 16) for d in docs]
+    tokens = sum(d.n_scored for d in docs)
+    assert trained["kl"] == pytest.approx(sum(e[1].sum() for e in expected) / tokens, rel=1e-4)
+    assert trained["top1"] == pytest.approx(sum(e[2].sum() for e in expected) / tokens)
+    per_token = np.concatenate([e[1] for e in expected])
+    assert trained["drift"] == {"k": 16, "kl_p99": pytest.approx(float(np.percentile(per_token, 99)), rel=1e-3)}
+    for doc in trained["documents"]:
+        assert {"kl_sum", "top1_matches", "drifted"} <= set(doc)
+
+
+def test_drift_gates_decide_as_floors(drift_run):
+    out, _, _ = drift_run
+    verdict = json.loads((out / "reports/verdict.json").read_text())
+    checks = {(c["name"], k["metric"]): k for c in verdict["checkpoints"] for k in c["checks"]}
+    assert checks[("untrained", "kl")]["outcome"] == "pass"
+    assert checks[("untrained", "top1")]["outcome"] == "pass"
+    for metric in ("kl", "top1"):
+        assert checks[("untrained", metric)]["kind"] == "floor"
+    summary = (out / "reports/summary.md").read_text()
+    assert "text.kl max 0.05" in summary and "text.top1 min 0.9" in summary
+
+
+def test_check_applies_drift_gates_without_a_model(drift_run, world, tmp_path):
+    out, _, _ = drift_run
+    results = json.loads((out / "reports/results.json").read_text())
+    trained = {c["name"]: c["scores"]["text"] for c in results["checkpoints"]}["run-a/checkpoint-4"]
+    strict = write_config(
+        world, tmp_path / "strict.yaml", suite_extra=", drift: true, drift_k: 16",
+        gates=f"gates:\n  - {{suite: text, metric: kl, max: {trained['kl'] / 100}}}\n",
+    )
+    reports = tmp_path / "reports"
+    shutil.copytree(out / "reports", reports)
+    result = run_gate("check", reports, "--config", strict)
+    assert result.exit_code == 0, result.output  # the untrained adapter is the base: it passes
+    verdict = json.loads((reports / "verdict.json").read_text())
+    outcome = {c["name"]: c["checks"][0]["outcome"] for c in verdict["checkpoints"]}
+    assert outcome["run-a/checkpoint-4"] == "fail"
+    assert outcome["untrained"] == "pass"
+
+
+def test_rerun_reuses_drift_and_the_key_names_the_base_score(drift_run, world):
+    out, config, _ = drift_run
+    again = run_gate("run", world.checkpoints, "--config", config, "--out", out / "reports")
+    assert again.exit_code in (0, 1)
+    import sqlite3
+
+    conn = sqlite3.connect(out / "reports/gate.sqlite")
+    identities = [json.loads(r[0]) for r in conn.execute("SELECT identity_json FROM suite_scores")]
+    base_keys = {r[0] for r in conn.execute("SELECT score_key FROM drift_references")}
+    assert len(base_keys) == 1
+    refs = [i["settings"].get("drift_reference") for i in identities if "drift_reference" in i["settings"]]
+    assert len(refs) == 3 and set(refs) == base_keys  # every checkpoint's drift names the base's score
+    references = conn.execute("SELECT k, length(logprobs), length(indices), length(rest) FROM drift_references").fetchall()
+    for k, lp, ix, rest in references:
+        assert (k, lp, ix) == (16, rest // 8 * 16 * 4, rest // 8 * 16 * 4)
+
+
+def test_drift_gate_on_a_suite_without_drift_is_bad_input(world, tmp_path):
+    config = write_config(world, tmp_path / "gate.yaml", gates="gates:\n  - {suite: long, metric: kl, max: 0.05}\n")
+    result = run_gate("run", world.checkpoints, "--config", config, "--out", tmp_path / "out")
+    assert result.exit_code == 2
+    assert "gates[0]: metric 'kl' is drift from the base, and suite 'long' does not measure it" in result.output
+
+
+def test_drift_gate_must_be_a_floor(world, tmp_path):
+    config = write_config(
+        world, tmp_path / "gate.yaml", extra="drift: true\n", gates="gates:\n  - {suite: text, metric: kl, max_increase: 5%}\n"
+    )
+    result = run_gate("run", world.checkpoints, "--config", config, "--out", tmp_path / "out")
+    assert result.exit_code == 2
+    assert "gate it as a floor, e.g. max: 0.05" in result.output
+
+
+@pytest.mark.parametrize("k", [0, -3])
+def test_k_below_one_is_bad_input(world, tmp_path, k):
+    config = write_config(world, tmp_path / "gate.yaml", suite_extra=f", drift_k: {k}")
+    result = run_gate("run", world.checkpoints, "--config", config, "--out", tmp_path / "out")
+    assert result.exit_code == 2
+    assert f"drift_k: must be at least 1 (the size of the base's top-k reference), not {k}" in result.output
+
+
+def test_k_above_the_vocabulary_is_bad_input(world, tmp_path, base_model):
+    vocab = base_model.config.vocab_size
+    config = write_config(world, tmp_path / "gate.yaml", extra=f"drift_k: {vocab + 1}\n")
+    result = run_gate("run", world.checkpoints, "--config", config, "--out", tmp_path / "out")
+    assert result.exit_code == 2
+    assert f"drift_k {vocab + 1} exceeds the base's vocabulary ({vocab} tokens); lower drift_k" in result.output
+
+
+def test_drift_on_a_checkpoint_with_another_vocabulary_is_bad_input(world, tmp_path):
+    """Full checkpoints: a copy of the base drifts by exactly 0; one with resized embeddings is refused."""
+    run = tmp_path / "full-run"
+    shutil.copytree(world.base, run / "checkpoint-1")
+    resized = AutoModelForCausalLM.from_pretrained(world.base, dtype=torch.float32)
+    resized.resize_token_embeddings(resized.config.vocab_size + 8)
+    resized.save_pretrained(run / "checkpoint-2")
+    AutoTokenizer.from_pretrained(world.base).save_pretrained(run / "checkpoint-2")
+    config = write_config(world, tmp_path / "gate.yaml", extra="drift: true\n")
+    result = run_gate("run", run, "--config", config, "--out", tmp_path / "out")
+    assert result.exit_code == 2, result.output
+    results = json.loads((tmp_path / "out/results.json").read_text())
+    same, other = results["checkpoints"]
+    assert same["scores"]["text"]["kl"] == 0.0 and same["scores"]["long"]["top1"] == 1.0
+    assert other["status"] == "error" and other["error_code"] == 2
+    vocab = AutoModelForCausalLM.from_pretrained(world.base).config.vocab_size
+    assert f"its vocabulary has {vocab + 8} tokens but the base's has {vocab}" in other["reason"]
+
+
+def test_reports_show_drift_by_step_and_where_it_moved(drift_run, world, tmp_path):
+    """Without drift gates, summary.md still lists kl and top1, and report.html plots them by step and
+    shows, per checkpoint, the documents and tokens that moved most."""
+    out, _, _ = drift_run
+    reports = tmp_path / "reports"
+    shutil.copytree(out / "reports", reports)
+    plain = write_config(
+        world, tmp_path / "plain.yaml", suite_extra=", drift: true, drift_k: 16",
+        gates="gates:\n  - {suite: text, metric: perplexity, max_increase: 50%}\n",
+    )
+    assert run_gate("check", reports, "--config", plain).exit_code == 0
+    results = json.loads((reports / "results.json").read_text())
+    trained = {c["name"]: c["scores"]["text"] for c in results["checkpoints"]}["run-a/checkpoint-4"]
+    summary = (reports / "summary.md").read_text()
+    assert "| text kl | text top1 |" in summary
+    assert f"| {trained['kl']:.4g} | {trained['top1']:.1%} |" in summary
+    html = (reports / "report.html").read_text()
+    assert "text: KL(base ‖ checkpoint) per token, nats by training step" in html
+    assert "text: top-1 agreement with the base by training step" in html
+    assert "text: documents where the predictions moved most from the base's" in html
+    worst = max(trained["documents"], key=lambda d: d["kl_sum"] / d["tokens"])
+    assert f"<code>{worst['id']}</code>" in html
+    token = worst["drifted"][0]
+    assert f"{token['kl']:.3f}</li>" in html
+
+
+def test_check_refuses_a_drift_gate_on_results_scored_without_drift(drift_run, world, tmp_path):
+    out, _, _ = drift_run
+    reports = tmp_path / "reports"
+    shutil.copytree(out / "reports", reports)
+    config = write_config(world, tmp_path / "gate.yaml", extra="drift: true\n", gates="gates:\n  - {suite: long, metric: top1, min: 0.9}\n")
+    result = run_gate("check", reports, "--config", config)
+    assert result.exit_code == 2, result.output
+    assert "suite 'long' was scored without drift, so it has no 'top1'; add `drift: true` to it and re-run `gate run`" in result.output
+
+
+# --- the drift floors' statistics, by simulation (documents drawn from a population) -------------
+
+
+def _drift_results(kl_sums, matches, tokens):
+    from gate.results import DocumentScore, Drift, ModelResult, Results, RunSettings, SuiteInfo, SuiteScore
+
+    def docs(with_drift):
+        return [
+            DocumentScore(f"d{i}", 2.0 * t, int(t), 4 * int(t), *((float(kl), int(m)) if with_drift else ()))
+            for i, (kl, m, t) in enumerate(zip(kl_sums, matches, tokens))
+        ]
+
+    base = ModelResult("base", "base", "base", scores={"s": SuiteScore.from_documents("s", docs(False))})
+    ckpt = ModelResult("c", "lora", "c", step=1, scores={"s": SuiteScore.from_documents("s", docs(True), Drift(16, 0.0))})
+    suite = SuiteInfo("s", "perplexity", "", "", "", len(tokens), True, drift_k=16)
+    return Results(1, "0", "", "", {}, RunSettings("cpu", "float32", 8, 128, 64, "ppl-1", "t"), base, [ckpt], [suite])
+
+
+def _simulate(metric, limit, truth, reps=250, n=150, seed=21):
+    """Outcomes of one drift floor over repeated draws of n documents whose population value is ``truth``."""
+    from gate.config import Gate, Policy
+    from gate.policy import evaluate
+
+    rng = np.random.default_rng(seed)
+    gate = Gate("s", metric, "max" if metric == "kl" else "min", limit)
+    outcomes = []
+    for _ in range(reps):
+        tokens = rng.integers(20, 200, n)
+        if metric == "kl":  # skewed per-document KL per token, independent of length: population ratio = truth
+            per_token = rng.gamma(2.0, truth / 2.0, n)
+            kl, matches = per_token * tokens, tokens
+        else:  # per-document agreement rates around truth, then binomial tokens
+            rate = rng.beta(truth * 20, (1 - truth) * 20, n)
+            kl, matches = np.zeros(n), rng.binomial(tokens, rate)
+        verdict = evaluate(Policy([gate], bootstrap_iterations=1000), _drift_results(kl, matches, tokens), rng)
+        outcomes.append(verdict.checkpoints[0].checks[0].outcome)
+    return np.array(outcomes)
+
+
+@pytest.mark.parametrize("metric,limit", [("kl", 0.05), ("top1", 0.9)])
+def test_simulation_drift_at_the_limit_rarely_passes(metric, limit):
+    """Population drift exactly at the limit: the floor passes at most about alpha of the time."""
+    outcomes = _simulate(metric, limit, truth=limit)
+    alpha, reps = 0.05, len(outcomes)
+    assert (outcomes == "pass").mean() <= alpha + 3 * math.sqrt(alpha * (1 - alpha) / reps)
+
+
+@pytest.mark.parametrize("metric,limit,truth", [("kl", 0.05, 0.035), ("top1", 0.9, 0.93)])
+def test_simulation_drift_well_inside_the_limit_passes_and_well_outside_fails(metric, limit, truth):
+    inside = _simulate(metric, limit, truth, reps=60)
+    assert (inside == "pass").mean() >= 0.8 and (inside == "fail").sum() == 0
+    outside = _simulate(metric, limit, 2 * limit - truth, reps=60)
+    assert (outside == "fail").mean() >= 0.8 and (outside == "pass").sum() == 0
