@@ -56,14 +56,14 @@ class DocumentScore:
     """Number of scored tokens."""
     bytes: int
     """UTF-8 bytes of the scored text."""
-    groups: dict[str, str] = field(default_factory=dict)
-    """Grouping fields of the document (a gate's ``cluster:`` field), recorded when a gate clusters by them."""
     kl_sum: float | None = None
     """Drift suites, checkpoints: sum over the scored tokens of KL(base || checkpoint), nats."""
     top1_matches: int | None = None
     """Drift suites, checkpoints: scored tokens where base and checkpoint have the same most likely token."""
     drifted: list[DriftToken] = field(default_factory=list)
     """Drift suites, checkpoints: the tokens with the largest KL (a few), for reports."""
+    groups: dict[str, str] = field(default_factory=dict)
+    """Grouping fields of the document (a gate's ``cluster:`` field), recorded when a gate clusters by them."""
 
     def to_json(self) -> dict:
         out = {"id": self.id, "nll": self.nll, "tokens": self.tokens, "bytes": self.bytes}

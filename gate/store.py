@@ -23,6 +23,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import sqlite3
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -184,20 +185,34 @@ class ResultsStore:
         self.path = Path(path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            # timeout: a second `gate run` on the same folder waits for the writer's lock.
-            self._conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA foreign_keys=ON")
-            self._conn.execute("PRAGMA synchronous=NORMAL")
-            self._conn.executescript(_SCHEMA)  # idempotent; executescript manages its own commit
-            with self._transaction():
-                self._check_version()
+            self._open()
         except sqlite3.DatabaseError as err:
             raise RunFailure(
                 f"{self.path}: the results store cannot be opened ({err}); if the disk is full, free space and run "
                 "again (nothing is lost); if the file is damaged, move it aside to start a fresh one (its scores "
                 "are then recomputed)"
             ) from None
+
+    def _open(self, wait: float = 60.0) -> None:
+        # timeout: a second `gate run` on the same folder waits for the writer's lock. Switching a
+        # new file to WAL needs an exclusive lock for which SQLite's busy handler does not always
+        # wait (two runs creating one store at once): such a "locked" error is retried.
+        deadline = time.monotonic() + wait
+        while True:
+            self._conn = sqlite3.connect(self.path, timeout=wait, isolation_level=None)
+            try:
+                self._conn.execute("PRAGMA journal_mode=WAL")
+                self._conn.execute("PRAGMA foreign_keys=ON")
+                self._conn.execute("PRAGMA synchronous=NORMAL")
+                self._conn.executescript(_SCHEMA)  # idempotent; executescript manages its own commit
+                with self._transaction():
+                    self._check_version()
+                return
+            except sqlite3.OperationalError as err:
+                self._conn.close()
+                if "locked" not in str(err) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def _transaction(self):
         return _Transaction(self._conn)
