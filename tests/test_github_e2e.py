@@ -179,8 +179,19 @@ SUITES = ("text", "prompt")  # two of conftest's four suites: every job here sco
 def config(world, tmp_path_factory) -> Path:
     """gate.yaml for conftest's tiny base and checkpoints, with two suites."""
     path = tmp_path_factory.mktemp("config") / "gate.yaml"
-    path.write_text(f"base: {world.base}\nsuites:\n" + "".join(f"  - {{name: {s}, path: {world.suites / (s + '.jsonl')}}}\n" for s in SUITES))
+    path.write_text(suites_yaml(world) + GATES)
     return path
+
+
+def suites_yaml(world) -> str:
+    return f"base: {world.base}\nsuites:\n" + "".join(f"  - {{name: {s}, path: {world.suites / (s + '.jsonl')}}}\n" for s in SUITES)
+
+
+# A policy the tiny world can meet: 13 documents are below the bootstrap's default minimum (20),
+# and the untrained adapter (the base itself) has no spread to certify, so the trained checkpoint
+# with the lower text perplexity is the one selected.
+GATES = "gates:\n  - {suite: text, metric: perplexity, max_increase: 300%, min_items: 5}\n"
+SELECTED = "run-a/checkpoint-4"
 
 
 @pytest.fixture
@@ -287,7 +298,7 @@ def test_a_cache_hit_scores_nothing_new_and_one_comment_is_updated_in_place(gh, 
     saved = call(first, "actions/cache/save")[0]["saved"]
     assert call(rerun, "actions/cache/restore")[0]["matched"] == saved  # restored by prefix
     assert f"computed 0 model x suite score(s), reused {computed} from the store" in step(rerun, "Run gate")["log"]
-    assert verdict(rerun) == verdict(first) and rerun["outputs"]["selected"] == "untrained"
+    assert verdict(rerun) == verdict(first) and rerun["outputs"]["selected"] == SELECTED
     # Re-runs and other jobs save under their own keys: no race for one key.
     assert call(rerun, "actions/cache/save")[0]["saved"] not in (saved, None)
 
@@ -317,7 +328,7 @@ def test_a_failing_comment_api_leaves_the_verdict_and_exit_code(gh, single):
     assert comment["outcome"] == "failure" and comment["conclusion"] == "success"
     assert "Resource not accessible by integration" in comment["log"]
     assert step(record, "Decide")["outcome"] == "success" and record["status"] == "success"
-    assert record["outputs"]["exit-code"] == "0" and record["outputs"]["selected"] == "untrained"
+    assert record["outputs"]["exit-code"] == "0" and record["outputs"]["selected"] == SELECTED
     assert any(a["level"] == "warning" and "continue-on-error" in a["message"] for a in record["annotations"])
     # A fork's pull request is not commented on at all (its token is read-only).
     fork = gh.run({"cache-hf": "false"}, fork=True)
@@ -349,10 +360,10 @@ FAILS = {"no-candidate": {1, 2, 3}, "error": {2, 3}, "never": set()}
 
 
 @pytest.mark.parametrize("code", [0, 1, 2, 3])
-def test_every_fail_on_with_every_exit_code(gh, single, config, nan_base, code):
+def test_every_fail_on_with_every_exit_code(gh, single, world, nan_base, code):
     with_caches_of(gh, single[0])
     strict = gh.root / "strict.yaml"  # no checkpoint can improve text perplexity by 90%
-    strict.write_text(config.read_text() + "gates:\n  - {suite: text, metric: perplexity, min_decrease: 90%}\n")
+    strict.write_text(suites_yaml(world) + "gates:\n  - {suite: text, metric: perplexity, min_decrease: 90%, min_items: 5}\n")
     make = {0: {}, 1: {"config": str(strict)}, 2: {"args": "--shard 9/2"}, 3: {"args": f"--base {nan_base} --limit 1"}}[code]
     for fail_on, fails in FAILS.items():
         record = gh.run({"cache-hf": "false", "comment": "false", **make, "fail-on": fail_on})
@@ -374,7 +385,7 @@ def test_the_example_workflow_runs_the_action_and_guards_forks(gh):
     assert record["status"] == "success", log(record)
     gate_step = step(record, "Gate the checkpoints")
     assert gate_step["env"]["HF_TOKEN"] == "hf_fake_secret" and gate_step["inputs"]["args"] == "--online"
-    assert gate_step["outputs"]["selected"] == "untrained" and "release candidate untrained" in step(record, "Use the verdict")["log"]
+    assert gate_step["outputs"]["selected"] == SELECTED and f"release candidate {SELECTED}" in step(record, "Use the verdict")["log"]
     assert any(c["with"].get("key", "").startswith("gate-store-smollm2-135m-") for c in call(record, "actions/cache/save"))
     assert len(gh.comments) == 1 and "untrained" in gh.comments[0]["body"]
 
@@ -395,7 +406,7 @@ def test_the_sharded_example_cut_to_two_shards_gives_the_one_job_verdict(gh, sin
     assert merged["status"] == "success", log(merged)
     assert call(merged, "actions/download-artifact")[0]["with"]["pattern"] == "gate-shard-*"
     assert not [c for c in call(merged, "actions/cache/restore") if c["with"]["key"].startswith("gate-store-")]  # merge scores nothing
-    assert verdict(merged) == verdict(single[1]) and step(merged, "Merge the shares")["outputs"]["selected"] == "untrained"
+    assert verdict(merged) == verdict(single[1]) and step(merged, "Merge the shares")["outputs"]["selected"] == SELECTED
     assert len(gh.comments) == 1 and gh.comments[0]["body"].startswith("<!-- gate-action: gate-report-merge -->")
     # A fork's pull request runs neither the shards nor the merge.
     assert gh.run({}, workflow=workflow, job="shard", fork=True, matrix={"shard": 1})["status"] == "skipped"

@@ -5,12 +5,17 @@ from __future__ import annotations
 import gc
 import json
 import re
+import warnings
 from pathlib import Path
 
 import torch
 
 from gate.errors import BaseModelError, CheckpointError, ConfigError, GateError, RunFailure
 from gate.scan import ADAPTER_SAFETENSORS, FULL_PICKLE, FULL_SAFETENSORS, PICKLE_FIX, Checkpoint
+
+# peft asks transformers 5 `is_gradient_checkpointing` on every adapter load, and transformers
+# warns that the name is deprecated: a notice for peft's authors, not for someone running gate.
+warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
 
 TOKENIZER_FILES = (
     "tokenizer.json",
