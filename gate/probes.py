@@ -34,6 +34,7 @@ from pathlib import Path
 
 from gate.errors import SuiteError
 from gate.hashing import sha256_bytes, sha256_json
+from gate.suites import json_line
 
 CHECK_KINDS = ("regex", "contains", "not_contains", "json", "max_words", "abstains", "refuses")
 CHECK_KEYS = (*CHECK_KINDS, "json_keys")
@@ -185,18 +186,7 @@ def load_probe_suite(
 
 def parse_probe(line: str, number: int) -> Probe:
     """One JSONL line -> Probe; ValueError with what to fix."""
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"not valid JSON ({err.msg} at column {err.colno})") from None
-    if not isinstance(obj, dict):
-        raise ValueError("must be a JSON object")
-    unknown = sorted(set(obj) - PROBE_KEYS)
-    if unknown:
-        raise ValueError(f"unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(PROBE_KEYS))}")
-    probe_id = obj.get("id")
-    if probe_id is not None and not isinstance(probe_id, (str, int)):
-        raise ValueError(f'"id" must be a string or an integer, not {type(probe_id).__name__}')
+    obj, probe_id = json_line(line, PROBE_KEYS)
     checks = validate_checks(obj.get("checks", {}))
     if ("prompt" in obj) == ("messages" in obj):
         raise ValueError('needs exactly one of "prompt" (a string) or "messages" (chat turns ending with a user turn)')
@@ -204,7 +194,7 @@ def parse_probe(line: str, number: int) -> Probe:
         prompt = obj["prompt"]
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError('"prompt" is empty; write the request the model must answer, or remove the line')
-        return Probe(id=None if probe_id is None else str(probe_id), line=number, prompt=prompt, checks=checks)
+        return Probe(id=probe_id, line=number, prompt=prompt, checks=checks)
     messages = obj["messages"]
     if not isinstance(messages, list) or not messages:
         raise ValueError('"messages" must be a non-empty list of {"role", "content"} objects')
@@ -214,7 +204,7 @@ def parse_probe(line: str, number: int) -> Probe:
     if messages[-1]["role"] != "user" or not messages[-1]["content"].strip():
         raise ValueError('the last message must be a non-empty "user" turn: the model answers it')
     turns = [{"role": m["role"], "content": m["content"]} for m in messages]
-    return Probe(id=None if probe_id is None else str(probe_id), line=number, messages=turns, checks=checks)
+    return Probe(id=probe_id, line=number, messages=turns, checks=checks)
 
 
 def validate_checks(checks: object) -> dict:

@@ -170,20 +170,28 @@ def load_suite(
     )
 
 
-def _parse_line(line: str, number: int) -> Document:
+def json_line(line: str, allowed: set[str]) -> tuple[dict, str | None]:
+    """One JSONL line of a data file -> (its object, its "id" as a string or None); ValueError with what to fix.
+
+    Shared by every JSONL format gate reads (perplexity documents, generation probes).
+    """
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as err:
         raise ValueError(f"not valid JSON ({err.msg} at column {err.colno})") from None
     if not isinstance(obj, dict):
         raise ValueError("must be a JSON object")
-    unknown = sorted(set(obj) - ALLOWED_KEYS)
+    unknown = sorted(set(obj) - allowed)
     if unknown:
-        raise ValueError(f"unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(ALLOWED_KEYS))}")
-    doc_id = obj.get("id")
-    if doc_id is not None and not isinstance(doc_id, (str, int)):
-        raise ValueError(f'"id" must be a string or an integer, not {type(doc_id).__name__}')
-    doc_id = None if doc_id is None else str(doc_id)
+        raise ValueError(f"unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
+    item_id = obj.get("id")
+    if item_id is not None and not isinstance(item_id, (str, int)):
+        raise ValueError(f'"id" must be a string or an integer, not {type(item_id).__name__}')
+    return obj, None if item_id is None else str(item_id)
+
+
+def _parse_line(line: str, number: int) -> Document:
+    obj, doc_id = json_line(line, ALLOWED_KEYS)
     document = _shape(obj, doc_id, number)
     meta = obj.get("meta")
     if isinstance(meta, dict):
