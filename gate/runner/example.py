@@ -101,7 +101,11 @@ def build_base(
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
-    model = LlamaForCausalLM(config)
+    return _pretrain_and_save(LlamaForCausalLM(config), tokenizer, out_dir, pretrain_steps, seed)
+
+
+def _pretrain_and_save(model, tokenizer, out_dir: Path, pretrain_steps: int, seed: int) -> Path:
+    """Pretrain a freshly built model on the toy sentences, save it with its tokenizer; the folder."""
     if pretrain_steps:
         _pretrain(model, tokenizer, toy_sentences(2000, seed + 1), pretrain_steps, seed)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -254,10 +258,4 @@ def build_moe_base(out_dir: Path, *, seed: int = 0, context: int = 128, pretrain
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
-    model = Qwen3MoeForCausalLM(config)
-    if pretrain_steps:
-        _pretrain(model, tokenizer, toy_sentences(2000, seed + 1), pretrain_steps, seed)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
-    return out_dir.resolve()
+    return _pretrain_and_save(Qwen3MoeForCausalLM(config), tokenizer, out_dir, pretrain_steps, seed)
