@@ -34,7 +34,7 @@ from pathlib import Path
 
 from gate.errors import SuiteError
 from gate.hashing import sha256_bytes, sha256_json
-from gate.suites import json_line
+from gate.suites import json_line, read_jsonl_items
 
 CHECK_KINDS = ("regex", "contains", "not_contains", "json", "max_words", "abstains", "refuses")
 CHECK_KEYS = (*CHECK_KINDS, "json_keys")
@@ -42,7 +42,6 @@ GENERATE_METRICS = ("ok", *CHECK_KINDS, "words", "repetition", "ended")
 PROBE_KEYS = {"id", "prompt", "messages", "checks", "meta"}
 DEFAULT_MAX_NEW_TOKENS = 128
 REPETITION_N = 4
-MAX_REPORTED_PROBLEMS = 20
 
 # Phrases (lower case, straight apostrophes) whose presence anywhere in an output counts as an
 # abstention / a refusal. English defaults; gate.yaml's `detectors:` replaces either list.
@@ -144,31 +143,7 @@ def load_probe_suite(
 ) -> ProbeSuite:
     """Read and validate a generate suite. Raises SuiteError listing every bad line (file, line, fix)."""
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise SuiteError(f"{path}: suite {name!r} file not found; fix its path in gate.yaml") from None
-    except OSError as err:
-        raise SuiteError(f"{path}: suite {name!r} cannot be read ({err.strerror})") from None
-    probes, problems = [], []
-    for number, line_bytes in enumerate(raw.splitlines(), start=1):
-        try:
-            line = line_bytes.decode("utf-8")
-        except UnicodeDecodeError as err:
-            problems.append(f"line {number}: not UTF-8 ({err.reason} at byte {err.start}); re-save the file as UTF-8")
-            continue
-        if not line.strip():
-            continue
-        try:
-            probes.append(parse_probe(line, number))
-        except ValueError as err:
-            problems.append(f"line {number}: {err}")
-    problems += _assign_ids(probes)
-    if problems:
-        shown = problems[:MAX_REPORTED_PROBLEMS]
-        more = f"\n  ... and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
-        listing = "\n".join(f"  - {p}" for p in shown)
-        raise SuiteError(f"{path}: generate suite {name!r} has {len(problems)} bad line(s):\n{listing}{more}")
+    raw, probes = read_jsonl_items(path, f"generate suite {name!r}", parse_probe, lambda p: [p.prompt, p.messages])
     if not probes:
         raise SuiteError(f'{path}: generate suite {name!r} has no probes; write one JSON object per line with "prompt" or "messages"')
     return ProbeSuite(
@@ -248,22 +223,6 @@ def validate_checks(checks: object) -> dict:
         if key in out and not isinstance(out[key], bool):
             raise ValueError(f"checks.{key}: must be true or false, not {out[key]!r}")
     return out
-
-
-def _assign_ids(probes: list[Probe]) -> list[str]:
-    problems, seen, occurrences = [], {}, {}
-    for probe in probes:
-        if probe.id is not None:
-            if probe.id in seen:
-                problems.append(f"line {probe.line}: id {probe.id!r} already used on line {seen[probe.id]}; ids must be unique")
-            seen.setdefault(probe.id, probe.line)
-    for probe in probes:
-        if probe.id is None:
-            content = sha256_json([probe.prompt, probe.messages])[:16]
-            occurrences[content] = occurrences.get(content, 0) + 1
-            n = occurrences[content]
-            probe.id = f"h:{content}" if n == 1 else f"h:{content}#{n}"
-    return problems
 
 
 def clean_text(text: str) -> str:

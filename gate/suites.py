@@ -120,35 +120,9 @@ def load_suite(
     ``drift_k``: also measure each checkpoint's drift from the base, with a top-k reference of this size.
     """
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise SuiteError(f"{path}: suite {name!r} file not found; fix its path in gate.yaml") from None
-    except OSError as err:
-        raise SuiteError(f"{path}: suite {name!r} cannot be read ({err.strerror})") from None
-    documents: list[Document] = []
-    problems: list[str] = []
-    for number, line_bytes in enumerate(raw.splitlines(), start=1):
-        try:
-            line = line_bytes.decode("utf-8")
-        except UnicodeDecodeError as err:
-            problems.append(f"line {number}: not UTF-8 ({err.reason} at byte {err.start}); re-save the file as UTF-8")
-            continue
-        if not line.strip():
-            continue  # blank lines separate nothing and hold nothing: skip them
-        try:
-            doc = _parse_line(line, number)
-        except ValueError as err:
-            problems.append(f"line {number}: {err}")
-            continue
-        documents.append(doc)
-    problems += _assign_ids(documents)
-    if problems:
-        shown = problems[:MAX_REPORTED_PROBLEMS]
-        more = len(problems) - len(shown)
-        tail = f"\n  ... and {more} more" if more else ""
-        listing = "\n".join(f"  - {p}" for p in shown)
-        raise SuiteError(f"{path}: suite {name!r} has {len(problems)} bad line(s):\n{listing}{tail}")
+    raw, documents = read_jsonl_items(
+        path, f"suite {name!r}", _parse_line, lambda d: [d.text, d.prompt, d.completion, d.messages]
+    )
     if not documents:
         raise SuiteError(
             f"{path}: suite {name!r} has no documents; write one JSON object per line with "
@@ -236,22 +210,60 @@ def _messages(value: object) -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
-def _assign_ids(documents: list[Document]) -> list[str]:
-    """Give unnamed documents a content-hash id; report duplicate explicit ids."""
+def read_jsonl_items(path: Path, what: str, parse, content) -> tuple[bytes, list]:
+    """The items of a JSONL data file, one per non-blank line, and its raw bytes (for its hash).
+
+    ``parse(line, number)`` makes an item (with ``id`` and ``line``) or raises ValueError saying
+    what to fix; ``content(item)`` is what an unnamed item's id hashes. Every bad line is reported
+    at once in one SuiteError naming the file (``what``: "suite 'x'", "generate suite 'x'").
+    Shared by perplexity documents and generation probes.
+    """
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise SuiteError(f"{path}: {what} file not found; fix its path in gate.yaml") from None
+    except OSError as err:
+        raise SuiteError(f"{path}: {what} cannot be read ({err.strerror})") from None
+    items: list = []
+    problems: list[str] = []
+    for number, line_bytes in enumerate(raw.splitlines(), start=1):
+        try:
+            line = line_bytes.decode("utf-8")
+        except UnicodeDecodeError as err:
+            problems.append(f"line {number}: not UTF-8 ({err.reason} at byte {err.start}); re-save the file as UTF-8")
+            continue
+        if not line.strip():
+            continue  # blank lines separate nothing and hold nothing: skip them
+        try:
+            items.append(parse(line, number))
+        except ValueError as err:
+            problems.append(f"line {number}: {err}")
+    problems += _assign_ids(items, content)
+    if problems:
+        shown = problems[:MAX_REPORTED_PROBLEMS]
+        more = len(problems) - len(shown)
+        tail = f"\n  ... and {more} more" if more else ""
+        listing = "\n".join(f"  - {p}" for p in shown)
+        raise SuiteError(f"{path}: {what} has {len(problems)} bad line(s):\n{listing}{tail}")
+    return raw, items
+
+
+def _assign_ids(items: list, content) -> list[str]:
+    """Give unnamed items a content-hash id; report duplicate explicit ids."""
     problems = []
     seen: dict[str, int] = {}
-    for doc in documents:
-        if doc.id is not None:
-            if doc.id in seen:
-                problems.append(f"line {doc.line}: id {doc.id!r} already used on line {seen[doc.id]}; ids must be unique")
-            seen.setdefault(doc.id, doc.line)
+    for item in items:
+        if item.id is not None:
+            if item.id in seen:
+                problems.append(f"line {item.line}: id {item.id!r} already used on line {seen[item.id]}; ids must be unique")
+            seen.setdefault(item.id, item.line)
     occurrences: dict[str, int] = {}
-    for doc in documents:
-        if doc.id is not None:
+    for item in items:
+        if item.id is not None:
             continue
-        content = sha256_json([doc.text, doc.prompt, doc.completion, doc.messages])[:16]
-        occurrences[content] = occurrences.get(content, 0) + 1
-        n = occurrences[content]
-        # Identical documents are legitimate (repeated boilerplate); number the repeats.
-        doc.id = f"h:{content}" if n == 1 else f"h:{content}#{n}"
+        digest = sha256_json(content(item))[:16]
+        occurrences[digest] = occurrences.get(digest, 0) + 1
+        n = occurrences[digest]
+        # Identical items are legitimate (repeated boilerplate); number the repeats.
+        item.id = f"h:{digest}" if n == 1 else f"h:{digest}#{n}"
     return problems
