@@ -87,6 +87,21 @@ def world(tmp_path_factory) -> Fixture:
     return Fixture(base=base, checkpoints=checkpoints, suites=suites, config=config)
 
 
+def save_nan_base(base: Path, out: Path) -> Path:
+    """A copy of the base whose output layer is NaN: every score it gives is non-finite (exit 3)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base)
+    with torch.no_grad():
+        model.lm_head.weight.fill_(float("nan"))
+    model.save_pretrained(out)
+    for f in base.iterdir():
+        if "token" in f.name or "chat_template" in f.name:
+            shutil.copy(f, out)
+    return out
+
+
 @pytest.fixture
 def ckpt_copy(world, tmp_path):
     """A private copy of the checkpoints folder that a test may damage."""

@@ -6,9 +6,9 @@ import json
 import shutil
 
 import pytest
-import torch
 from click.testing import CliRunner
 
+from conftest import save_nan_base
 from gate.cli import main
 
 
@@ -166,16 +166,7 @@ def test_run_max_length_beyond_context_exits_2(cli, world, tmp_path):
 
 
 def test_run_runtime_failure_exits_3(cli, world, tmp_path):
-    from transformers import AutoModelForCausalLM
-
-    broken = tmp_path / "nan-base"
-    model = AutoModelForCausalLM.from_pretrained(world.base)
-    with torch.no_grad():
-        model.lm_head.weight.fill_(float("nan"))
-    model.save_pretrained(broken)
-    for f in world.base.iterdir():
-        if "token" in f.name or "chat_template" in f.name:
-            shutil.copy(f, broken)
+    broken = save_nan_base(world.base, tmp_path / "nan-base")
     result = invoke(cli, "run", world.checkpoints, "--config", world.config, "--base", broken, "--out", tmp_path / "out", "-q")
     assert result.exit_code == 3, result.output
     assert "non-finite log-likelihood" in result.stderr

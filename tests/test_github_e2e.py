@@ -27,6 +27,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import save_nan_base
+
 ROOT = Path(__file__).resolve().parent.parent
 ACTION_DIR = ROOT / ".github" / "actions" / "gate"
 RUNNER = ROOT / ".ci" / "run-action.mjs"
@@ -341,18 +343,7 @@ def test_a_failing_comment_api_leaves_the_verdict_and_exit_code(gh, single):
 
 @pytest.fixture(scope="module")
 def nan_base(world, tmp_path_factory) -> Path:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    broken = tmp_path_factory.mktemp("nan") / "nan-base"
-    model = AutoModelForCausalLM.from_pretrained(world.base)
-    with torch.no_grad():
-        model.lm_head.weight.fill_(float("nan"))
-    model.save_pretrained(broken)
-    for f in world.base.iterdir():
-        if "token" in f.name or "chat_template" in f.name:
-            shutil.copy(f, broken)
-    return broken
+    return save_nan_base(world.base, tmp_path_factory.mktemp("nan") / "nan-base")
 
 
 # README "In GitHub Actions": which exit codes fail the job under each fail-on.
