@@ -58,7 +58,9 @@ def test_two_runs_on_one_output_folder_both_finish(world, tmp_path):
     cmd = gate_cmd("run", world.checkpoints, "--config", world.config, "--out", out, "-q", "--device", "cpu")
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     results = [p.communicate(timeout=300) for p in procs]
-    assert [p.returncode for p in procs] == [1, 1], results  # both finish (no candidate: tiny suites)
+    # On failure, show each run's error lines in full (pytest would cut the whole outputs short).
+    errors = [[line for line in err.splitlines() if line.startswith(("error", "internal error"))] for _, err in results]
+    assert [p.returncode for p in procs] == [1, 1], errors  # both finish (no candidate: tiny suites)
     assert store_ok(out) == 16  # each (model, suite) once, whoever wrote it
     data = json.loads((out / "results.json").read_text())
     assert len(data["checkpoints"]) == 3 and all(c["scores"] for c in data["checkpoints"])
