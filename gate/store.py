@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import fcntl
 import sqlite3
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -183,10 +183,10 @@ class ResultsStore:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             self._open()
-        except sqlite3.DatabaseError as err:
+        except (sqlite3.DatabaseError, OSError) as err:  # OSError: the lock file beside it
             raise RunFailure(
                 f"{self.path}: the results store cannot be opened ({err}); if the disk is full, free space and run "
                 "again (nothing is lost); if the file is damaged, move it aside to start a fresh one (its scores "
@@ -194,25 +194,19 @@ class ResultsStore:
             ) from None
 
     def _open(self, wait: float = 60.0) -> None:
-        # timeout: a second `gate run` on the same folder waits for the writer's lock. Switching a
-        # new file to WAL needs an exclusive lock for which SQLite's busy handler does not always
-        # wait (two runs creating one store at once): such a "locked" error is retried.
-        deadline = time.monotonic() + wait
-        while True:
+        # Two runs on one output folder may create the store at the same moment, and SQLite does
+        # not always wait for a lock while a new file is switched to WAL and its tables made: the
+        # set-up is serialised by an advisory lock on a file beside the store. timeout: later
+        # writers wait for each other's transactions.
+        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
             self._conn = sqlite3.connect(self.path, timeout=wait, isolation_level=None)
-            try:
-                self._conn.execute("PRAGMA journal_mode=WAL")
-                self._conn.execute("PRAGMA foreign_keys=ON")
-                self._conn.execute("PRAGMA synchronous=NORMAL")
-                self._conn.executescript(_SCHEMA)  # idempotent; executescript manages its own commit
-                with self._transaction():
-                    self._check_version()
-                return
-            except sqlite3.OperationalError as err:
-                self._conn.close()
-                if "locked" not in str(err) or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA foreign_keys=ON")
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+            self._conn.executescript(_SCHEMA)  # idempotent; executescript manages its own commit
+            with self._transaction():
+                self._check_version()
 
     def _transaction(self):
         return _Transaction(self._conn)
