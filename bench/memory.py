@@ -24,7 +24,7 @@ def child(folder: str, config: str, base: str, out: str) -> None:
     """Run gate as a library in this process and print the CUDA peak (if any) as JSON."""
     import torch
 
-    from gate.plan import prepare_run
+    from gate.request import prepare_run
     from gate.runner import run
 
     request = prepare_run(folder, config_path=config, base=base, out_dir=out)

@@ -23,7 +23,7 @@ import gate
 from gate.config import find_config, load_config
 from gate.errors import EXIT_INVALID_INPUT, EXIT_RUNTIME_FAILURE, CheckpointError, ConfigError, GateError
 from gate.overlap import DEFAULT_N
-from gate.plan import no_checkpoints_message, prepare_run, shard_share
+from gate.request import no_checkpoints_message, prepare_run, shard_share
 from gate.progress import ProgressEvent, no_progress
 from gate.results import read_results, version_conflicts
 from gate.scan import ScanReport, scan
@@ -256,7 +256,7 @@ def demo_command(demo_dir: Path, out_dir: Path, size: float, limit: int | None, 
     in --dir and the results store, so a second demo only re-renders the reports.
     """
     _set_offline(online=False)
-    from gate.runner.demo import build_demo
+    from gate.train.demo import build_demo
 
     renderer = _ProgressRenderer()
     if not quiet:
@@ -318,7 +318,7 @@ def overlap_command(suite: str, training_files: tuple[Path, ...], n: int, config
     strings) or plain text. Exits 0 when no document overlaps, 1 when some do, 2 on bad input.
     """
     from gate.overlap import index_training_file, overlap
-    from gate.plan import overlap_documents
+    from gate.request import overlap_documents
 
     name, documents = overlap_documents(suite, config_path)
     dirty = False

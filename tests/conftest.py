@@ -41,7 +41,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 @pytest.fixture(scope="session")
 def world(tmp_path_factory) -> Fixture:
-    from gate.runner.example import arithmetic_lines, build_base, save_untrained_adapter, toy_sentences, train_lora_run
+    from gate.train.tiny import arithmetic_lines, build_base, save_untrained_adapter, toy_sentences, train_lora_run
 
     root = tmp_path_factory.mktemp("world")
     base = build_base(root / "base", seed=0, context=CONTEXT, pretrain_steps=30)

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from conftest import write_jsonl
-from gate.plan import prepare_run
+from gate.request import prepare_run
 from gate.runner import run
-from gate.runner.example import save_adapter, toy_sentences
+from gate.train.tiny import save_adapter, toy_sentences
 from gate.scan import scan
 
 ATTENTION = ["q_proj", "v_proj"]

@@ -16,9 +16,9 @@ from packaging.version import Version
 
 from conftest import write_jsonl
 from gate.cli import main
-from gate.plan import prepare_run
+from gate.request import prepare_run
 from gate.runner import run
-from gate.runner.example import build_base, save_untrained_adapter, toy_sentences
+from gate.train.tiny import build_base, save_untrained_adapter, toy_sentences
 from gate.runner.model import load_tokenizer
 
 SAVED_BY_V5 = Path(__file__).parent / "data" / "tokenizer-saved-by-transformers-5"
@@ -139,7 +139,7 @@ def test_adapter_needing_a_newer_peft_is_refused(world, ckpt_copy, tmp_path):
 def test_moe_adapter_from_transformers_5_is_scored_on_5_and_refused_on_4(tmp_path):
     """LoRA on the fused experts (target_parameters), saved under transformers 5.23: 4.x has no such
     parameters and peft would load the rest with a warning; gate refuses, naming the upgrade."""
-    from gate.runner.example import build_moe_base
+    from gate.train.tiny import build_moe_base
 
     base = build_moe_base(tmp_path / "base")
     shutil.copytree(Path(__file__).parent / "data" / "moe-adapter-saved-by-transformers-5", tmp_path / "ckpts" / "moe-lora")

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from gate.cli import main
-from gate.runner.demo import GGUF_DIST, demo_plans
+from gate.train.demo import GGUF_DIST, demo_plans
 
 
 # Documents per suite: every suite whole (arith, the largest, has 100 items). The guardrails need

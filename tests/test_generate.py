@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from conftest import write_jsonl
 from gate.cli import main
 from gate.errors import SuiteError
-from gate.plan import prepare_run
+from gate.request import prepare_run
 from gate.probes import (
     DEFAULT_DETECTORS,
     clean_text,

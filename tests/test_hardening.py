@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from gate.runner.example import save_untrained_adapter
+from gate.train.tiny import save_untrained_adapter
 
 
 def gate_cmd(*args) -> list[str]:
@@ -129,7 +129,7 @@ def test_ctrl_c_during_scoring_exits_130_and_the_rerun_finishes(world, tmp_path)
     import time
 
     from conftest import write_jsonl
-    from gate.runner.example import toy_sentences
+    from gate.train.tiny import toy_sentences
 
     write_jsonl(tmp_path / "big.jsonl", [{"text": t} for t in toy_sentences(1500, 21)])
     config = tmp_path / "gate.yaml"

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from conftest import write_jsonl
 from gate.cli import main
-from gate.plan import prepare_run
+from gate.request import prepare_run
 from gate.runner import run
 
 MC_YAML = """\
@@ -69,7 +69,7 @@ def mc_rows(n: int, seed: int) -> list[dict]:
 @pytest.fixture(scope="module")
 def tasks(world, tmp_path_factory) -> Path:
     """A folder with a multiple-choice and a rolling-loglikelihood task, data beside them."""
-    from gate.runner.example import toy_sentences
+    from gate.train.tiny import toy_sentences
 
     root = tmp_path_factory.mktemp("tasks")
     (root / "data").mkdir()

@@ -10,9 +10,9 @@ import transformers
 from packaging.version import Version
 
 from conftest import write_jsonl
-from gate.plan import prepare_run
+from gate.request import prepare_run
 from gate.runner import run
-from gate.runner.example import build_moe_base, save_adapter, toy_sentences
+from gate.train.tiny import build_moe_base, save_adapter, toy_sentences
 from gate.scan import scan
 
 pytestmark = pytest.mark.skipif(

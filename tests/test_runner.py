@@ -16,11 +16,11 @@ import pytest
 import torch
 
 from conftest import write_jsonl
-from gate.plan import prepare_run
+from gate.request import prepare_run
 from gate.progress import ProgressEvent
 from gate.results import read_results
 from gate.runner import run
-from gate.runner.example import build_base, save_untrained_adapter, toy_sentences
+from gate.train.tiny import build_base, save_untrained_adapter, toy_sentences
 
 SUITES = ["text", "prompt", "messages", "long"]
 

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from gate.errors import GateError, RunFailure
-from gate.plan import RunRequest, funnel_selection
+from gate.request import RunRequest, funnel_selection
 from gate.progress import ProgressEvent, ProgressFn, no_progress
 from gate.store import STORE_NAME, ResultsStore
 

@@ -37,7 +37,7 @@ from gate.errors import (
     StoreError,
 )
 from gate.hashing import sha256_files
-from gate.plan import RunRequest, funnel_selection
+from gate.request import RunRequest, funnel_selection
 from gate.progress import ProgressEvent, ProgressFn, no_progress
 from gate.results import (
     SCHEMA_VERSION,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import transformers
 
-from gate.runner.example import arithmetic_lines, build_tokenizer, toy_sentences
+from gate.train.tiny import arithmetic_lines, build_tokenizer, toy_sentences
 
 assert int(transformers.__version__.split(".")[0]) >= 5, "run this with transformers 5"
 out = Path(__file__).parent / "tokenizer-saved-by-transformers-5"
@@ -22,7 +22,7 @@ import json  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
-from gate.runner.example import build_moe_base, save_adapter  # noqa: E402
+from gate.train.tiny import build_moe_base, save_adapter  # noqa: E402
 
 adapter = Path(__file__).parent / "moe-adapter-saved-by-transformers-5"
 with tempfile.TemporaryDirectory() as tmp:

@@ -1,4 +1,4 @@
-"""What a run is asked to do, prepared without torch: config + scan + suites -> RunRequest."""
+"""What a run is asked to do, prepared without torch: config + scan + suites -> RunRequest (the run request)."""
 
 from __future__ import annotations
 
