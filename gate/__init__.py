@@ -6,6 +6,7 @@ The public library surface. Importing ``gate`` never imports torch: the runner
 
 __version__ = "0.1.0"
 
+from gate.api import apply_policy, check, report
 from gate.config import GateConfig, SuiteSpec, load_config
 from gate.errors import CheckpointError, ConfigError, GateError, RunFailure, SuiteError
 from gate.results import DocumentScore, ModelResult, Results, SuiteScore, load_results, read_results
@@ -13,6 +14,9 @@ from gate.scan import Checkpoint, ScanReport, scan
 from gate.suites import Document, Suite, load_suite
 
 __all__ = [
+    "apply_policy",
+    "check",
+    "report",
     "Checkpoint",
     "CheckpointError",
     "ConfigError",

@@ -20,12 +20,12 @@ from pathlib import Path
 import click
 
 import gate
-from gate.config import find_config, load_config
+import gate.api
 from gate.errors import EXIT_INVALID_INPUT, EXIT_RUNTIME_FAILURE, CheckpointError, ConfigError, GateError
 from gate.overlap import DEFAULT_N
 from gate.request import no_checkpoints_message, prepare_run, shard_share
 from gate.progress import ProgressEvent, no_progress
-from gate.results import read_results, version_conflicts
+from gate.results import read_results
 from gate.scan import ScanReport, scan
 
 EXIT_INTERRUPTED = 130
@@ -197,12 +197,9 @@ def check_command(out_dir: Path, config_path: Path | None) -> None:
     Rewrites OUT/verdict.json and exits as `gate run` would: 0 a candidate is selected,
     1 none is, 2 invalid input or policy, 3 a checkpoint failed at run time.
     """
-    results = read_results(out_dir / "results.json")
-    path = config_path or (Path(results.config) if results.config else find_config(None, None))
-    if results.config and not config_path and not Path(results.config).is_file():
-        raise ConfigError(results.config, ["the run's gate.yaml is gone; pass the policy with --config"])
-    config = load_config(path)
-    verdict = _apply_policy(results, config.policy, str(path) if path else None, out_dir)
+    results, verdict = gate.api.check(out_dir, config_path)
+    _print_verdict(verdict, out_dir / "verdict.json")
+    _print_reports(out_dir)
     sys.exit(results.exit_code or verdict.exit_code)
 
 
@@ -211,11 +208,8 @@ def check_command(out_dir: Path, config_path: Path | None) -> None:
 @_handle_errors
 def report_command(out_dir: Path) -> None:
     """Regenerate OUT/report.html, summary.md and junit.xml from results.json + verdict.json (no GPU)."""
-    from gate.verdict import read_verdict
-
-    results = read_results(out_dir / "results.json")
-    verdict = read_verdict(out_dir / "verdict.json")
-    _write_reports(results, verdict, out_dir)
+    gate.api.report(out_dir)
+    _print_reports(out_dir)
 
 
 @main.command("bless")
@@ -392,46 +386,18 @@ def _run(
 
 
 def _apply_policy(results, policy, config_path: str | None, out_dir: Path):
-    """Pure policy on the results -> OUT/verdict.json and a verdict summary."""
-    import datetime as dt
-
-    import numpy as np
-
-    from gate import policy as policy_engine
-    from gate.verdict import write_verdict
-
-    from gate.release import read_release
-
-    problems = policy_engine.validate(policy, results)
-    if problems:
-        raise ConfigError(config_path, problems)
-    release = read_release(out_dir) if policy.reference == "release" else None
-    mixed = version_conflicts(results, release.model if release is not None else None)
-    if mixed:
-        listing = "\n".join(f"  - {line}" for line in mixed)
-        raise GateError(
-            f"{out_dir / 'results.json'}: scores computed under other library versions would be compared:\n{listing}\n"
-            "gate never compares them: re-run `gate run` to score everything under the installed versions"
-        )
-    verdict = policy_engine.evaluate(policy, results, np.random.default_rng(policy.seed), release)
-    verdict.provenance = {
-        "results": str(out_dir / "results.json"),
-        "results_created_at": results.created_at,
-        "config": config_path,
-        "gate_version": gate.__version__,
-        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-    }
-    write_verdict(out_dir / "verdict.json", verdict)
+    """The policy on the results (library) -> the verdict summary on screen."""
+    verdict = gate.api.apply_policy(results, policy, out_dir, config_path)
     _print_verdict(verdict, out_dir / "verdict.json")
-    _write_reports(results, verdict, out_dir)
+    _print_reports(out_dir)
     return verdict
 
 
-def _write_reports(results, verdict, out_dir: Path) -> None:
-    from gate.report import write_reports
+def _print_reports(out_dir: Path) -> None:
+    from gate.reports import REPORT_FILES
 
-    paths = write_reports(results, verdict, out_dir)
-    click.echo(f"report: {paths['html']}  (also {paths['markdown'].name}, {paths['junit'].name})")
+    html, markdown, junit = (out_dir / REPORT_FILES[kind] for kind in ("html", "markdown", "junit"))
+    click.echo(f"report: {html}  (also {markdown.name}, {junit.name})")
 
 
 def _print_verdict(verdict, path: Path) -> None:
@@ -451,7 +417,7 @@ def _print_verdict(verdict, path: Path) -> None:
 
 def _print_sizing(verdict) -> None:
     """What each gate can detect at the family's level, the items it needs, and each checkpoint's chance to pass."""
-    from gate.report.view import sizing
+    from gate.reports.view import sizing
 
     rows = sizing(verdict)
     family = verdict.policy.get("family")

@@ -16,7 +16,7 @@ HEAVY = ("torch", "transformers", "peft", "lm_eval")
 def test_cpu_side_modules_load_no_torch():
     code = (
         "import sys, gate, gate.cli, gate.config, gate.request, gate.results, gate.scan, gate.store, gate.suites\n"
-        "import gate.policy, gate.stats, gate.verdict, gate.release, gate.report, gate.report.html\n"
+        "import gate.policy, gate.stats, gate.verdict, gate.release, gate.reports, gate.reports.html\n"
         f"loaded = [m for m in {HEAVY!r} if m in sys.modules]\n"
         "assert not loaded, loaded\n"
     )

@@ -11,7 +11,7 @@ import pytest
 
 from gate.config import Gate, Policy
 from gate.policy import evaluate
-from gate.report import MARKER, build_view, render_markdown, write_reports
+from gate.reports import MARKER, build_view, render_markdown, write_reports
 from gate.results import DocumentScore, ItemScore, ModelResult, Results, RunSettings, SuiteInfo, SuiteScore, TaskScore
 
 EVIL = "<script>alert('gate')</script><img src=x onerror=alert(1)>"
@@ -284,7 +284,7 @@ def test_reports_show_mde_items_needed_and_the_chance_to_pass(rendered):
 
 def test_sizing_leaves_out_checks_that_failed():
     """A checkpoint far beyond the margin fails at any size: its spread must not make the suite look too small."""
-    from gate.report.view import sizing
+    from gate.reports.view import sizing
     from gate.verdict import Check, CheckpointVerdict, Verdict
 
     def check(outcome, mde, needed):

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gate.report.html import render_html
-from gate.report.junit import render_junit
-from gate.report.markdown import MARKER, render_markdown
-from gate.report.view import ReportView, build_view
+from gate.reports.html import render_html
+from gate.reports.junit import render_junit
+from gate.reports.markdown import MARKER, render_markdown
+from gate.reports.view import ReportView, build_view
 from gate.errors import RunFailure
 from gate.results import Results
 from gate.verdict import Verdict
@@ -19,11 +19,15 @@ from gate.verdict import Verdict
 __all__ = ["MARKER", "ReportView", "build_view", "render_html", "render_junit", "render_markdown", "write_reports"]
 
 
+REPORT_FILES = {"html": "report.html", "markdown": "summary.md", "junit": "junit.xml"}
+"""The reports, by kind: their file names in the output folder."""
+
+
 def write_reports(results: Results, verdict: Verdict, out_dir: str | Path) -> dict[str, Path]:
     """Render every report into ``out_dir``; returns their paths by kind."""
     out_dir = Path(out_dir)
     view = build_view(results, verdict)
-    paths = {"html": out_dir / "report.html", "markdown": out_dir / "summary.md", "junit": out_dir / "junit.xml"}
+    paths = {kind: out_dir / name for kind, name in REPORT_FILES.items()}
     for kind, text in (("html", render_html(view)), ("markdown", render_markdown(view)), ("junit", render_junit(view))):
         tmp = paths[kind].with_suffix(paths[kind].suffix + ".tmp")
         try:

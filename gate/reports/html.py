@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
-from gate.report.plots import build_plots
-from gate.report.view import ReportView
+from gate.reports.plots import build_plots
+from gate.reports.view import ReportView
 
 
 def render_html(view: ReportView) -> str:
     # Autoescape: document text, prompts, checkpoint names and config values all come from data.
     env = Environment(
-        loader=PackageLoader("gate.report", "templates"),
+        loader=PackageLoader("gate.reports", "templates"),
         autoescape=select_autoescape(enabled_extensions=("html", "j2"), default=True),
         undefined=StrictUndefined,
     )

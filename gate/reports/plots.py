@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from gate.config import GATE_BOUNDS
 from gate.policy import threshold
-from gate.report.view import ReportView, finite, run_of
+from gate.reports.view import ReportView, finite, run_of
 
 
 @dataclass

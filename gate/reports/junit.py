@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 
-from gate.report.view import ReportView
+from gate.reports.view import ReportView
 
 
 def render_junit(view: ReportView) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gate.report.view import MARKS, ReportView
+from gate.reports.view import MARKS, ReportView
 
 MARKER = "<!-- gate-report -->"  # a PR comment carrying it is updated in place, not duplicated
 MAX_BYTES = 60_000  # GitHub allows 65,536 characters in a comment and 1 MiB per step summary
