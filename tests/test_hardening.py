@@ -136,7 +136,10 @@ def test_ctrl_c_during_scoring_exits_130_and_the_rerun_finishes(world, tmp_path)
     config.write_text(f"base: {world.base}\nsuites:\n  - {{name: big, path: {tmp_path / 'big.jsonl'}}}\n")
     out = tmp_path / "out"
     cmd = gate_cmd("run", world.checkpoints, "--config", config, "--out", out, "-q", "--device", "cpu")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A shell's background job (`pytest ... &`) starts with SIGINT ignored, which Python then keeps
+    # ignoring: give the run the default disposition, as an interactive terminal would.
+    restore = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=restore)
     deadline = time.monotonic() + 120
     rows = 0
     while rows == 0 and proc.poll() is None and time.monotonic() < deadline:
@@ -147,8 +150,8 @@ def test_ctrl_c_during_scoring_exits_130_and_the_rerun_finishes(world, tmp_path)
             rows = 0
     assert proc.poll() is None, "the run finished before it could be interrupted"
     proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stderr
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, f"exit {proc.returncode}\nstdout:\n{stdout}\nstderr:\n{stderr}"
     assert "interrupted: every finished score is kept" in stderr and "Traceback" not in stderr
     stored = store_ok(out)
     assert 1 <= stored < 4
