@@ -23,7 +23,7 @@ import gate
 import gate.api
 from gate.errors import EXIT_INVALID_INPUT, EXIT_RUNTIME_FAILURE, CheckpointError, ConfigError, GateError
 from gate.overlap import DEFAULT_N
-from gate.request import no_checkpoints_message, prepare_run, shard_share
+from gate.request import no_checkpoints_message, prepare_run
 from gate.progress import ProgressEvent, no_progress
 from gate.results import read_results
 from gate.scan import ScanReport, scan
@@ -360,15 +360,10 @@ def _run(
     """prepare_run (no torch) -> runner.run (or its Ray twin) -> the summary table. Options are prepare_run's."""
     _set_offline(options.get("online", False))
     request = prepare_run(directory, command=shlex.join(["gate", *sys.argv[1:]]), **options)
-    if shard:
-        if request.funnel is not None:
-            click.echo("warning: the funnel needs every checkpoint's perplexity; a shard runs every suite on its checkpoints", err=True)
-            request.funnel = None
-        request.only = shard_share(request, shard)
     if merge:
         request.only = {}  # everything comes from the merged store
         request.versions = versions  # under the versions the shards scored with
-    from gate.runner import run  # torch is imported here, and only here
+    from gate.flow import run  # torch is imported inside, and only there
 
     renderer = _ProgressRenderer()
     progress = no_progress if quiet else renderer
@@ -378,9 +373,11 @@ def _run(
 
             outcome = run_on_ray(request, address=address, progress=progress, workers=workers)
         else:
-            outcome = run(request, progress=progress)
+            outcome = run(request, progress=progress, shard_of=shard)
     finally:
         renderer.close()
+    for notice in outcome.notices:
+        click.echo(f"warning: {notice}", err=True)
     _print_run(outcome)
     return outcome, request
 
