@@ -7,6 +7,7 @@ slice of the one list; each ends in the same assembly from the store.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from gate.assemble import RunOutcome, assemble, outcome, rescoring
@@ -28,7 +29,7 @@ def run(request: RunRequest, progress: ProgressFn = no_progress, *, shard_of: st
     index_count = parse_shard(shard_of) if shard_of else None
     if index_count and request.funnel is not None:
         notices.append(FUNNEL_WITH_SHARDS)
-        request.funnel = None
+        request = dataclasses.replace(request, funnel=None)
     runner = Runner(request)
     try:
         with ResultsStore(request.out_dir / STORE_NAME) as store:
@@ -44,7 +45,6 @@ def run(request: RunRequest, progress: ProgressFn = no_progress, *, shard_of: st
             later = [i for i in later if i.model not in failed]
             kept = funnel_keep(work, later, funnel_scores(work, store, failed))
             again = runner.execute(work, kept, store, progress)
-            runner.release()
             failures = done.failures + again.failures
             results = assemble(work, store, failures, skipped_by_funnel(later, kept))
     finally:

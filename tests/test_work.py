@@ -6,7 +6,6 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -206,3 +205,23 @@ def test_merge_refuses_shards_of_different_plans(world, tmp_path):
     assert result.exit_code == 2
     assert f"the shards are not shares of one run:\n  - {outs[1]}: other checkpoints or suites than {outs[0]}" in result.stderr
     assert not (tmp_path / "m" / "results.json").exists()
+
+
+def test_gate_run_is_one_library_call_returning_results_verdict_and_what_it_did(world, tmp_path):
+    import gate
+    from gate.results import read_results
+    from gate.verdict import read_verdict
+
+    out = tmp_path / "out"
+    done = gate.run(world.checkpoints, world.config, out, device="cpu")
+    assert done.results == read_results(out / "results.json") and done.verdict == read_verdict(out / "verdict.json")
+    assert done.exit_code == 1 and done.verdict.selected is None  # as `gate run` exits on this world
+    assert sorted(done.outcome.computed) == sorted((i.model, i.suite) for i in read_work(out / WORK_NAME).items)
+    work = read_work(out / WORK_NAME)  # planned before any model loaded, kept beside results.json
+    assert [m.name for m in work.models] == [m.name for m in [done.results.base, *done.results.checkpoints]]
+    assert work.settings == done.results.settings and work.suites == done.results.suites
+    again = gate.run(world.checkpoints, world.config, out, device="cpu")
+    assert again.outcome.computed == [] and again.outcome.base_loads == 0 and len(again.outcome.reused) == 16
+    shard = gate.run(world.checkpoints, world.config, tmp_path / "shard", device="cpu", shard="2/2")
+    assert shard.verdict is None and not (tmp_path / "shard" / "verdict.json").exists()
+    assert {m for m, _ in shard.outcome.computed} == {"run-a/checkpoint-4"}  # valid checkpoints 1 and 3 are share 1's
