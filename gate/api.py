@@ -134,6 +134,13 @@ def _first_each(failures: list) -> list:
 def _check_one_plan(shards: list[Path], works: list) -> None:
     """Shards are shares of one plan: same base, settings, library versions and items; else exit 2 naming them."""
     first = works[0]
+    if any(work.versions != first.versions for work in works):
+        listing = "\n".join(
+            f"  - {shard}: {', '.join(f'{k} {v}' for k, v in work.versions.items())}"
+            for shard, work in zip(shards, works)
+            if work is first or work.versions != first.versions
+        )
+        raise GateError(f"the shards scored under different library versions, which gate never compares:\n{listing}\nre-run them in one environment")
 
     def differs(work) -> str | None:
         if work.base_hash != first.base_hash:
@@ -142,9 +149,6 @@ def _check_one_plan(shards: list[Path], works: list) -> None:
         changed = [k for k in keyed if getattr(work.settings, k) != getattr(first.settings, k)]
         if changed:
             return "other settings (" + ", ".join(f"{k} {getattr(work.settings, k)} vs {getattr(first.settings, k)}" for k in changed) + ")"
-        if work.versions != first.versions:
-            what = ", ".join(f"{k} {work.versions.get(k)} vs {first.versions.get(k)}" for k in sorted(work.versions.keys() | first.versions.keys()) if work.versions.get(k) != first.versions.get(k))
-            return f"other library versions ({what}), which gate never compares"
         if [(i.model, i.suite, i.key) for i in work.items] != [(i.model, i.suite, i.key) for i in first.items]:
             return "other checkpoints or suites"
         return None
