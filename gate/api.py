@@ -13,7 +13,7 @@ from typing import Callable
 import gate
 from gate.assemble import RunOutcome
 from gate.config import Policy, find_config, load_config
-from gate.errors import ConfigError, GateError
+from gate.errors import EXIT_RUNTIME_FAILURE, ConfigError, GateError
 from gate.progress import ProgressFn, no_progress
 from gate.results import Results, read_results, version_conflicts
 from gate.verdict import Verdict
@@ -100,12 +100,16 @@ def merge(shards: list[str | Path], out: str | Path = "reports", config: str | P
     for shard in shards:
         # A shard's results.json is written last: without it the shard did not finish.
         recorded = read_results(shard / RESULTS_NAME)
-        failures += [Failure(c.name, c.reason or "", c.error_code or 3) for c in recorded.checkpoints if c.status == "error"]
+        failures += [Failure(c.name, c.reason or "", c.error_code or EXIT_RUNTIME_FAILURE) for c in recorded.checkpoints if c.status == "error"]
         if not (shard / STORE_NAME).is_file():
             raise GateError(f"{shard / STORE_NAME}: not found; pass the output folders of `gate run --shard I/N`")
     works = [read_work(s / WORK_NAME) for s in shards]
     _check_one_plan(shards, works)
     work = works[0]
+    policy_path = Path(config) if config else (Path(work.config) if work.config else find_config(None, None))
+    if work.config and not config and not Path(work.config).is_file():
+        raise ConfigError(work.config, ["the shards' gate.yaml is gone; pass the policy with --config"])
+    policy = load_config(policy_path).policy
     with ResultsStore(out / STORE_NAME) as store:
         for shard in shards:
             with ResultsStore(shard / STORE_NAME) as source:
@@ -114,10 +118,7 @@ def merge(shards: list[str | Path], out: str | Path = "reports", config: str | P
         results = assemble(work, store, _first_each(failures))
     write_results(out / RESULTS_NAME, results)
     done = outcome(work, results, out / RESULTS_NAME)
-    policy_path = Path(config) if config else (Path(work.config) if work.config else find_config(None, None))
-    if work.config and not config and not Path(work.config).is_file():
-        raise ConfigError(work.config, ["the shards' gate.yaml is gone; pass the policy with --config"])
-    verdict = apply_policy(results, load_config(policy_path).policy, out, str(policy_path) if policy_path else None)
+    verdict = apply_policy(results, policy, out, str(policy_path) if policy_path else None)
     return Run(results, verdict, done)
 
 

@@ -225,3 +225,23 @@ def test_gate_run_is_one_library_call_returning_results_verdict_and_what_it_did(
     shard = gate.run(world.checkpoints, world.config, tmp_path / "shard", device="cpu", shard="2/2")
     assert shard.verdict is None and not (tmp_path / "shard" / "verdict.json").exists()
     assert {m for m, _ in shard.outcome.computed} == {"run-a/checkpoint-4"}  # valid checkpoints 1 and 3 are share 1's
+
+
+def test_a_checkpoint_that_failed_in_its_shard_fails_in_the_merge_as_in_a_local_run(world, ckpt_copy, tmp_path):
+    from gate.train.tiny import build_base, save_untrained_adapter
+
+    save_untrained_adapter(build_base(tmp_path / "other-base", hidden_size=32), ckpt_copy / "foreign")  # fits no base here
+    cli = CliRunner()
+    run = ["run", ckpt_copy, "--config", world.config, "--device", "cpu", "-q"]
+    local = tmp_path / "local"
+    assert cli.invoke(main, [str(a) for a in [*run, "--out", local]]).exit_code == 2
+    shards = [tmp_path / f"shard{i}" for i in (1, 2)]
+    assert [cli.invoke(main, [str(a) for a in [*run, "--out", s, "--shard", f"{i}/2"]]).exit_code for i, s in enumerate(shards, 1)] == [2, 0]
+    merged = tmp_path / "merged"
+    result = cli.invoke(main, ["merge", "--out", str(merged), *[a for s in shards for a in ("--from", str(s))]])
+    assert result.exit_code == 2 and "error: foreign: the adapter does not fit the base" in result.stderr
+    single, combined = (json.loads((d / "results.json").read_text()) for d in (local, merged))
+    for doc in (single, combined):
+        doc.pop("created_at"), doc.pop("command")
+    assert combined == single
+    assert next(c for c in combined["checkpoints"] if c["name"] == "foreign")["status"] == "error"
