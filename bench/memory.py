@@ -25,7 +25,7 @@ def child(folder: str, config: str, base: str, out: str) -> None:
     import torch
 
     from gate.request import prepare_run
-    from gate.runner import run
+    from gate.flow import run
 
     request = prepare_run(folder, config_path=config, base=base, out_dir=out)
     run(request)

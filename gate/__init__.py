@@ -6,7 +6,7 @@ The public library surface. Importing ``gate`` never imports torch: the runner
 
 __version__ = "0.1.0"
 
-from gate.api import apply_policy, check, report
+from gate.api import Run, apply_policy, check, merge, report, run
 from gate.config import GateConfig, SuiteSpec, load_config
 from gate.errors import CheckpointError, ConfigError, GateError, RunFailure, SuiteError
 from gate.results import DocumentScore, ModelResult, Results, SuiteScore, load_results, read_results
@@ -14,9 +14,12 @@ from gate.scan import Checkpoint, ScanReport, scan
 from gate.suites import Document, Suite, load_suite
 
 __all__ = [
+    "Run",
     "apply_policy",
     "check",
+    "merge",
     "report",
+    "run",
     "Checkpoint",
     "CheckpointError",
     "ConfigError",

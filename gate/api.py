@@ -1,17 +1,175 @@
-"""The library's workflows, one function per command: what `gate check` and `gate report` do (and,
-through ``gate.run`` / ``gate.merge``, what runs and merges end with). No printing here: the CLI
-formats what these return."""
+"""The library's workflows, one function per command: what `gate run`, `gate merge`, `gate check`
+and `gate report` do. No printing here: the CLI formats what these return."""
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
+import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import gate
+from gate.assemble import RunOutcome
 from gate.config import Policy, find_config, load_config
-from gate.errors import ConfigError, GateError
+from gate.errors import EXIT_RUNTIME_FAILURE, ConfigError, GateError
+from gate.progress import ProgressFn, no_progress
 from gate.results import Results, read_results, version_conflicts
 from gate.verdict import Verdict
+
+
+@dataclass
+class Run:
+    """What ``gate.run`` and ``gate.merge`` return."""
+
+    results: Results
+    """The results.json document written to OUT."""
+    verdict: Verdict | None
+    """The policy's verdict (OUT/verdict.json); None for a shard, which is gated once merged."""
+    outcome: RunOutcome
+    """What the run did: computed, reused and skipped pairs, problems, base loads, the rescoring line."""
+
+    @property
+    def exit_code(self) -> int:
+        """As `gate run` exits: 2 or 3 when a checkpoint was invalid or failed, else the verdict's 0 or 1."""
+        return self.outcome.exit_code or (self.verdict.exit_code if self.verdict is not None else 0)
+
+
+def run(
+    checkpoints: str | Path,
+    config: str | Path | None = None,
+    out: str | Path = "reports",
+    *,
+    executor: str = "local",
+    shard: str | None = None,
+    progress: ProgressFn | None = None,
+    address: str | None = None,
+    workers: int | None = None,
+    command: str = "",
+    on_results: Callable[[RunOutcome], None] | None = None,
+    **settings,
+) -> Run:
+    """Score the base and every checkpoint below ``checkpoints``; write OUT/results.json, verdict.json, reports.
+
+    ``settings``: base, device, dtype, batch_size, max_length, stride, limit, allow_pickle,
+    trust_remote_code, online (they override gate.yaml's). ``executor="ray"`` fans the work out to
+    Ray workers; ``shard="I/N"`` scores share I of N only (no verdict: combine shards with
+    ``gate.merge``). Only what the results store lacks is computed. ``on_results`` is called with
+    what the run did once results.json is written, before the policy is applied (the CLI's table).
+    """
+    from gate.flow import run as run_locally
+    from gate.request import prepare_run
+
+    offline(settings.get("online", False))
+    request = prepare_run(checkpoints, config_path=config, out_dir=out, command=command, **settings)
+    progress = progress or no_progress
+    if executor == "ray":
+        if shard:
+            raise ConfigError(None, ["--shard and --executor ray do not go together: a Ray run scores every share"])
+        from gate.runner.distributed import run_on_ray
+
+        outcome = run_on_ray(request, address=address, progress=progress, workers=workers)
+    elif executor == "local":
+        outcome = run_locally(request, progress, shard_of=shard)
+    else:
+        raise ConfigError(None, [f"executor {executor!r}: use local or ray"])
+    if on_results is not None:
+        on_results(outcome)
+    verdict = None if shard else apply_policy(outcome.results, request.policy, out, request.config_path)
+    return Run(outcome.results, verdict, outcome)
+
+
+def merge(shards: list[str | Path], out: str | Path = "reports", config: str | Path | None = None) -> Run:
+    """Combine `gate run --shard I/N` output folders into one run: results.json, verdict.json, reports.
+
+    Reads each shard's work.json, results.json and gate.sqlite only: no checkpoint, no base, no
+    torch. The shards must be shares of one plan (same base, settings, library versions and items).
+    ``config``: the gate.yaml holding the policy (default: the one the shards used).
+    """
+    from gate.assemble import assemble, outcome
+    from gate.flow import RESULTS_NAME
+    from gate.results import write_results
+    from gate.store import STORE_NAME, ResultsStore
+    from gate.work import WORK_NAME, Failure, read_work, write_work
+
+    if not shards:
+        raise GateError("gate merge: no shard given; pass --from DIR for each `gate run --shard I/N` output folder")
+    out, shards = Path(out), [Path(s) for s in shards]
+    failures = []
+    for shard in shards:
+        # A shard's results.json is written last: without it the shard did not finish.
+        recorded = read_results(shard / RESULTS_NAME)
+        failures += [Failure(c.name, c.reason or "", c.error_code or EXIT_RUNTIME_FAILURE) for c in recorded.checkpoints if c.status == "error"]
+        if not (shard / STORE_NAME).is_file():
+            raise GateError(f"{shard / STORE_NAME}: not found; pass the output folders of `gate run --shard I/N`")
+    works = [read_work(s / WORK_NAME) for s in shards]
+    _check_one_plan(shards, works)
+    work = works[0]
+    policy_path = Path(config) if config else (Path(work.config) if work.config else find_config(None, None))
+    if work.config and not config and not Path(work.config).is_file():
+        raise ConfigError(work.config, ["the shards' gate.yaml is gone; pass the policy with --config"])
+    policy = load_config(policy_path).policy
+    with ResultsStore(out / STORE_NAME) as store:
+        for shard in shards:
+            with ResultsStore(shard / STORE_NAME) as source:
+                store.import_rows(source.export(source.keys()))
+        write_work(out / WORK_NAME, work)
+        results = assemble(work, store, _first_each(failures))
+    write_results(out / RESULTS_NAME, results)
+    done = outcome(work, results, out / RESULTS_NAME)
+    verdict = apply_policy(results, policy, out, str(policy_path) if policy_path else None)
+    return Run(results, verdict, done)
+
+
+def _first_each(failures: list) -> list:
+    """One failure per checkpoint (a checkpoint is scored in one shard; the first record wins)."""
+    seen, out = set(), []
+    for f in failures:
+        if f.model not in seen:
+            seen.add(f.model)
+            out.append(f)
+    return out
+
+
+def _check_one_plan(shards: list[Path], works: list) -> None:
+    """Shards are shares of one plan: same base, settings, library versions and items; else exit 2 naming them."""
+    first = works[0]
+    if any(work.versions != first.versions for work in works):
+        listing = "\n".join(
+            f"  - {shard}: {', '.join(f'{k} {v}' for k, v in work.versions.items())}"
+            for shard, work in zip(shards, works)
+            if work is first or work.versions != first.versions
+        )
+        raise GateError(f"the shards scored under different library versions, which gate never compares:\n{listing}\nre-run them in one environment")
+
+    def differs(work) -> str | None:
+        if work.base_hash != first.base_hash:
+            return "another base model (weights hash)"
+        keyed = ("dtype", "max_length", "stride", "scoring", "tokenizer_hash", "lm_eval")
+        changed = [k for k in keyed if getattr(work.settings, k) != getattr(first.settings, k)]
+        if changed:
+            return "other settings (" + ", ".join(f"{k} {getattr(work.settings, k)} vs {getattr(first.settings, k)}" for k in changed) + ")"
+        if [(i.model, i.suite, i.key) for i in work.items] != [(i.model, i.suite, i.key) for i in first.items]:
+            return "other checkpoints or suites"
+        return None
+
+    problems = [(shard, why) for shard, work in zip(shards, works) if (why := differs(work))]
+    if problems:
+        listing = "\n".join(f"  - {shard}: {why} than {shards[0]}" for shard, why in problems)
+        raise ConfigError(None, [f"the shards are not shares of one run:\n{listing}\nre-run them with one gate.yaml, one base and one environment"])
+
+
+def offline(online: bool = False) -> None:
+    """Offline unless asked: nothing reaches the network by default (set before transformers loads)."""
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its notices are not the user's business
+    # gate shows its own progress; lm-eval's and datasets' bars would flood the terminal.
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    if not online:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 def apply_policy(results: Results, policy: Policy, out: str | Path, config_path: str | None = None) -> Verdict:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import os
 import shlex
 import sys
@@ -21,9 +20,9 @@ import click
 
 import gate
 import gate.api
-from gate.errors import EXIT_INVALID_INPUT, EXIT_RUNTIME_FAILURE, CheckpointError, ConfigError, GateError
+from gate.errors import EXIT_INVALID_INPUT, EXIT_RUNTIME_FAILURE, CheckpointError, GateError
 from gate.overlap import DEFAULT_N
-from gate.request import no_checkpoints_message, prepare_run, shard_share
+from gate.request import no_checkpoints_message
 from gate.progress import ProgressEvent, no_progress
 from gate.results import read_results
 from gate.scan import ScanReport, scan
@@ -126,65 +125,39 @@ def scan_command(directory: Path, as_json: bool, allow_pickle: bool, base: str |
 @click.option("--shard", metavar="I/N", help="Score only share I of N (checkpoints I, I+N, ...; the base in shard 1); combine with `gate merge`.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress display.")
 @_handle_errors
-def run_command(directory: Path, config_path: Path | None, base: str | None, out_dir: Path, **options) -> None:
+def run_command(directory: Path, config_path: Path | None, out_dir: Path, quiet: bool, **options) -> None:
     """Score the base and every checkpoint below DIRECTORY; write OUT/results.json.
 
     Only what the results store lacks is computed: re-runs are incremental, and an interrupted
     run continues where it stopped.
     """
-    outcome, request = _run(directory, config_path=config_path, base=base, out_dir=out_dir, **options)
+    done = _run(directory, config_path=config_path, out_dir=out_dir, quiet=quiet, **options)
     if options.get("shard"):
         click.echo(f"shard {options['shard']} scored; combine the shards' output folders with `gate merge`")
-        sys.exit(outcome.exit_code)
-    verdict = _apply_policy(outcome.results, request.policy, request.config_path, out_dir)
-    sys.exit(outcome.exit_code or verdict.exit_code)
+    sys.exit(done.exit_code)
 
 
 @main.command("merge")
-@click.argument("directory", type=click.Path(path_type=Path))
+@click.argument("directory", required=False, type=click.Path(path_type=Path))
 @click.option("--from", "shards", multiple=True, required=True, type=click.Path(path_type=Path), help="A shard's output folder (repeat for each).")
-@click.option("--config", "config_path", type=click.Path(path_type=Path), help="gate.yaml (default: DIR/gate.yaml, then ./gate.yaml).")
-@base_option
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help="gate.yaml with the policy (default: the one the shards used).")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default="reports", show_default=True, help="Output folder of the merged run.")
-@allow_pickle_option
+@click.option("--base", hidden=True, help="Ignored: the shards' work lists name the base.")
+@click.option("--allow-pickle", is_flag=True, hidden=True, help="Ignored: merge loads no weights.")
 @_handle_errors
-def merge_command(directory: Path, shards: tuple[Path, ...], config_path: Path | None, base: str | None, out_dir: Path, allow_pickle: bool) -> None:
+def merge_command(directory: Path | None, shards: tuple[Path, ...], config_path: Path | None, out_dir: Path, base: str | None, allow_pickle: bool) -> None:
     """Combine `gate run --shard I/N` output folders into one run: results, verdict, reports.
 
-    Scores nothing: every score comes from the shards' stores (scored under the settings that the
-    first shard's results.json records). Exits as `gate run` would.
+    Scores nothing and needs only the shards' folders (work.json, results.json, gate.sqlite): no
+    checkpoint, no base, no torch. Exits as `gate run` would. DIRECTORY (the checkpoints) is
+    accepted for compatibility and ignored.
     """
-    from gate.store import STORE_NAME, ResultsStore
-
-    settings = read_results(shards[0] / "results.json").settings
-    versions = _shard_versions(shards)
-    with ResultsStore(out_dir / STORE_NAME) as store:
-        for shard in shards:
-            if not (shard / STORE_NAME).is_file():
-                raise GateError(f"{shard / STORE_NAME}: not found; pass the output folders of `gate run --shard I/N`")
-            with ResultsStore(shard / STORE_NAME) as source:
-                store.import_rows(source.export(source.keys()))
-    options = dict(device="cpu", dtype=settings.dtype, max_length=settings.max_length, stride=settings.stride, shard=None)
-    outcome, request = _run(directory, config_path=config_path, base=base, out_dir=out_dir, allow_pickle=allow_pickle, quiet=True, merge=True, versions=versions, **options)
-    verdict = _apply_policy(outcome.results, request.policy, request.config_path, out_dir)
-    sys.exit(outcome.exit_code or verdict.exit_code)
-
-
-SCORE_LIBRARIES = ("torch", "transformers", "tokenizers", "peft")
-
-
-def _shard_versions(shards: tuple[Path, ...]) -> dict[str, str] | None:
-    """The library versions every shard scored under; shards scored under different ones are refused."""
-    found = {}
-    for shard in shards:
-        recorded = read_results(shard / "results.json").versions
-        found[shard] = {k: recorded[k] for k in SCORE_LIBRARIES if k in recorded}
-    first = found[shards[0]]
-    differ = [f"{shard}: {', '.join(f'{k} {v}' for k, v in versions.items())}" for shard, versions in found.items() if versions != first]
-    if differ:
-        listing = "\n".join(f"  - {line}" for line in [f"{shards[0]}: {', '.join(f'{k} {v}' for k, v in first.items())}", *differ])
-        raise GateError(f"the shards scored under different library versions, which gate never compares:\n{listing}\nre-run them in one environment")
-    return first if set(first) == set(SCORE_LIBRARIES) else None
+    if directory is not None or base or allow_pickle:
+        click.echo("warning: gate merge reads only the shards' folders; DIRECTORY, --base and --allow-pickle are ignored", err=True)
+    done = gate.api.merge(list(shards), out_dir, config_path)
+    _print_run(done.outcome)
+    _print_verdict_and_reports(done.verdict, out_dir)
+    sys.exit(done.exit_code)
 
 
 @main.command("check")
@@ -249,7 +222,7 @@ def demo_command(demo_dir: Path, out_dir: Path, size: float, limit: int | None, 
     forgets general English), then runs `gate run` with suites/demo/gate.yaml. Everything is cached
     in --dir and the results store, so a second demo only re-renders the reports.
     """
-    _set_offline(online=False)
+    gate.api.offline(online=False)
     from gate.train.demo import build_demo
 
     renderer = _ProgressRenderer()
@@ -259,13 +232,12 @@ def demo_command(demo_dir: Path, out_dir: Path, size: float, limit: int | None, 
         demo = build_demo(demo_dir, scale=size, progress=no_progress if quiet else renderer)
     finally:
         renderer.close()
-    outcome, request = _run(demo.checkpoints, config_path=demo.config, out_dir=out_dir, quiet=quiet, limit=limit)
-    verdict = _apply_policy(outcome.results, request.policy, request.config_path, out_dir)
+    done = _run(demo.checkpoints, config_path=demo.config, out_dir=out_dir, quiet=quiet, limit=limit)
     click.echo("")
-    for line in demo_story(outcome.results, verdict):
+    for line in demo_story(done.results, done.verdict):
         click.echo(line)
     click.echo(f"open {out_dir / 'report.html'} to see why")
-    sys.exit(outcome.exit_code or verdict.exit_code)
+    sys.exit(done.exit_code)
 
 
 def demo_story(results, verdict) -> list[str]:
@@ -345,52 +317,29 @@ def export_command(out_dir: Path, fmt: str, output: Path | None) -> None:
     click.echo(f"table: {path}")
 
 
-def _run(
-    directory: Path,
-    *,
-    quiet: bool = False,
-    executor: str = "local",
-    address: str | None = None,
-    workers: int | None = None,
-    shard: str | None = None,
-    merge: bool = False,
-    versions: dict[str, str] | None = None,
-    **options,
-):
-    """prepare_run (no torch) -> runner.run (or its Ray twin) -> the summary table. Options are prepare_run's."""
-    _set_offline(options.get("online", False))
-    request = prepare_run(directory, command=shlex.join(["gate", *sys.argv[1:]]), **options)
-    if shard:
-        if request.funnel is not None:
-            click.echo("warning: the funnel needs every checkpoint's perplexity; a shard runs every suite on its checkpoints", err=True)
-            request.funnel = None
-        request.only = shard_share(request, shard)
-    if merge:
-        request.only = {}  # everything comes from the merged store
-        request.versions = versions  # under the versions the shards scored with
-    from gate.runner import run  # torch is imported here, and only here
-
+def _run(directory: Path, *, config_path: Path | None, out_dir: Path, quiet: bool = False, **options):
+    """gate.run (the library) with a progress display -> the summary table, the verdict, the reports."""
     renderer = _ProgressRenderer()
-    progress = no_progress if quiet else renderer
     try:
-        if executor == "ray":
-            from gate.runner.distributed import run_on_ray
-
-            outcome = run_on_ray(request, address=address, progress=progress, workers=workers)
-        else:
-            outcome = run(request, progress=progress)
+        done = gate.api.run(
+            directory,
+            config_path,
+            out_dir,
+            progress=no_progress if quiet else renderer,
+            command=shlex.join(["gate", *sys.argv[1:]]),
+            on_results=lambda outcome: (renderer.close(), _print_run(outcome)),
+            **options,
+        )
     finally:
         renderer.close()
-    _print_run(outcome)
-    return outcome, request
+    if done.verdict is not None:
+        _print_verdict_and_reports(done.verdict, out_dir)
+    return done
 
 
-def _apply_policy(results, policy, config_path: str | None, out_dir: Path):
-    """The policy on the results (library) -> the verdict summary on screen."""
-    verdict = gate.api.apply_policy(results, policy, out_dir, config_path)
+def _print_verdict_and_reports(verdict, out_dir: Path) -> None:
     _print_verdict(verdict, out_dir / "verdict.json")
     _print_reports(out_dir)
-    return verdict
 
 
 def _print_reports(out_dir: Path) -> None:
@@ -433,18 +382,6 @@ def _print_sizing(verdict) -> None:
         click.echo("  chance every gate passes: " + ", ".join(f"{name} {p:.2f}" for name, p in chances))
 
 
-def _set_offline(online: bool) -> None:
-    """Offline unless asked: nothing reaches the network by default (set before transformers loads)."""
-    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its notices are not the user's business
-    # gate shows its own progress; lm-eval's and datasets' bars would flood the terminal.
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-    if not online:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-
 def _print_scan(report: ScanReport) -> None:
     if not report.checkpoints:
         return
@@ -458,6 +395,8 @@ def _print_scan(report: ScanReport) -> None:
 
 
 def _print_run(outcome) -> None:
+    for notice in outcome.notices:
+        click.echo(f"warning: {notice}", err=True)
     results = outcome.results
     models = [results.base, *results.checkpoints]
     width = max(len(m.name) for m in models)

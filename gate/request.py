@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gate.config import Funnel, GateConfig, Policy, SuiteSpec, builtin_spec, find_config, load_config
-from gate.errors import BaseModelError, CheckpointError, ConfigError, SuiteError
+from gate.errors import BaseModelError, CheckpointError, SuiteError
 from gate.overlap import Overlap, index_training_file, overlap, suite_file_segments, suite_segments
 from gate.probes import ProbeSuite, load_probe_suite
 from gate.scan import ScanReport, looks_like_path, missing_base_message, path_is_missing, scan
@@ -56,17 +56,6 @@ class RunRequest:
     """The gate.yaml used (None: defaults)."""
     policy: Policy | None = None
     """The release policy to apply to the results (pure, after the run)."""
-    only: dict[str, list[str]] | None = None
-    """Model name -> suites this run may compute (a distributed worker's share); None: all.
-    Everything else is only assembled from the store, so ``only={}`` computes nothing."""
-    failures: dict[str, tuple[str, int]] = field(default_factory=dict)
-    """Checkpoint name -> (reason, exit code) of failures that happened elsewhere (other workers)."""
-    keep_base_loaded: bool = False
-    """Keep the loaded base in this process between runs (long-lived workers)."""
-    versions: dict[str, str] | None = None
-    """Library versions the scores are looked up under (torch, transformers, tokenizers, peft);
-    None: the installed ones. `gate merge` passes the shards' (they may differ from the merging
-    machine's, e.g. a CUDA torch build against a CPU one)."""
     overlaps: list[Overlap] = field(default_factory=list)
     """The contamination check's findings (gate.yaml ``contamination:``)."""
     warnings: list[str] = field(default_factory=list)
@@ -231,29 +220,3 @@ def no_checkpoints_message(directory: Path) -> str:
         "adapter_model.safetensors (LoRA) or config.json + model.safetensors (full weights), "
         "such as the Trainer's checkpoint-N/ folders"
     )
-
-
-def funnel_selection(funnel: Funnel, candidates: list[tuple[str, int | None, object]]) -> set[str]:
-    """Names of the top_k candidates (name, step, perplexity SuiteScore or None) by the funnel's
-    metric, lower first; ties go to the earlier step. Candidates without a score are never kept."""
-    ranked = []
-    for name, step, score in candidates:
-        if score is not None:
-            value = score.perplexity if funnel.metric == "perplexity" else score.bits_per_byte
-            ranked.append((value, step if step is not None else 0, name))
-    return {name for _, _, name in sorted(ranked)[: funnel.top_k]}
-
-
-def shard_share(request: RunRequest, shard: str) -> dict[str, list[str]]:
-    """``only`` for shard "i/n": checkpoints i, i+n, ... (in scan order) on every suite; the base in shard 1."""
-    try:
-        index, count = (int(x) for x in shard.split("/"))
-        if not 1 <= index <= count:
-            raise ValueError
-    except ValueError:
-        raise ConfigError(None, [f"--shard {shard!r}: must be i/n with 1 <= i <= n, e.g. 2/4"]) from None
-    suites = [s.name for s in request.suites] + [s.name for s in request.probe_suites] + [s.name for s in request.task_specs]
-    share = {c.name: suites for k, c in enumerate(request.scan.valid) if k % count == index - 1}
-    if index == 1:
-        share["base"] = suites
-    return share

@@ -12,7 +12,7 @@ import torch
 
 from conftest import write_jsonl
 from gate.request import prepare_run
-from gate.runner import run
+from gate.flow import run
 from gate.train.tiny import save_adapter, toy_sentences
 from gate.scan import scan
 

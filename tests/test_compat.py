@@ -17,7 +17,7 @@ from packaging.version import Version
 from conftest import write_jsonl
 from gate.cli import main
 from gate.request import prepare_run
-from gate.runner import run
+from gate.flow import run
 from gate.train.tiny import build_base, save_untrained_adapter, toy_sentences
 from gate.runner.model import load_tokenizer
 

@@ -10,7 +10,7 @@ import pytest
 ray = pytest.importorskip("ray", reason="needs the ray extra: pip install 'gate[ray]'")
 
 from gate.request import prepare_run  # noqa: E402
-from gate.runner import run  # noqa: E402
+from gate.flow import run  # noqa: E402
 from gate.runner.distributed import FAULT_ENV, run_on_ray  # noqa: E402
 
 

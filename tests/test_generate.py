@@ -23,7 +23,7 @@ from gate.probes import (
     repetition,
     run_checks,
 )
-from gate.runner import run
+from gate.flow import run
 from gate.suites import builtin_entries, builtin_suites_dir
 
 PROBES = [

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from conftest import write_jsonl
 from gate.cli import main
 from gate.request import prepare_run
-from gate.runner import run
+from gate.flow import run
 
 MC_YAML = """\
 task: tiny_mc

@@ -17,6 +17,7 @@ def test_cpu_side_modules_load_no_torch():
     code = (
         "import sys, gate, gate.cli, gate.config, gate.request, gate.results, gate.scan, gate.store, gate.suites\n"
         "import gate.policy, gate.stats, gate.verdict, gate.release, gate.reports, gate.reports.html\n"
+        "import gate.work, gate.assemble, gate.flow, gate.api\n"
         f"loaded = [m for m in {HEAVY!r} if m in sys.modules]\n"
         "assert not loaded, loaded\n"
     )

@@ -11,7 +11,7 @@ from packaging.version import Version
 
 from conftest import write_jsonl
 from gate.request import prepare_run
-from gate.runner import run
+from gate.flow import run
 from gate.train.tiny import build_moe_base, save_adapter, toy_sentences
 from gate.scan import scan
 

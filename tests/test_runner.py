@@ -19,7 +19,7 @@ from conftest import write_jsonl
 from gate.request import prepare_run
 from gate.progress import ProgressEvent
 from gate.results import read_results
-from gate.runner import run
+from gate.flow import run
 from gate.train.tiny import build_base, save_untrained_adapter, toy_sentences
 
 SUITES = ["text", "prompt", "messages", "long"]

@@ -62,6 +62,18 @@ def _as_if_stored_under(store, package: str, old: str) -> None:
     con.close()
 
 
+def _work_as_if_planned_under(out, package: str, old: str) -> None:
+    """Rewrite a run's work.json as gate plans it under another version of one package (keys included)."""
+    path = out / "work.json"
+    work = json.loads(path.read_text())
+    work["versions"][package] = work["library_versions"][package] = old
+    for item in work["items"]:
+        if package in item["identity"]["versions"]:
+            item["identity"]["versions"][package] = old
+            item["key"] = sha256_json(item["identity"])
+    path.write_text(json.dumps(work))
+
+
 def test_after_an_upgrade_everything_is_rescored_and_the_run_says_why(world, scored):
     config, out = scored
     before = read_results(out / "results.json")
@@ -107,6 +119,7 @@ def test_merge_uses_the_versions_the_shards_scored_under(world, tmp_path):
         raw = json.loads((out / "results.json").read_text())
         raw["versions"]["torch"] = "2.13.0+cu126"
         (out / "results.json").write_text(json.dumps(raw))
+        _work_as_if_planned_under(out, "torch", "2.13.0+cu126")
     merged = tmp_path / "merged"
     args = ["merge", world.checkpoints, "--config", config, "--out", merged, "--from", shards[0], "--from", shards[1]]
     assert gate(*args).exit_code == NO_CANDIDATE
@@ -116,6 +129,7 @@ def test_merge_uses_the_versions_the_shards_scored_under(world, tmp_path):
     raw = json.loads((shards[1] / "results.json").read_text())
     raw["versions"]["transformers"] = "4.57.6"
     (shards[1] / "results.json").write_text(json.dumps(raw))
+    _work_as_if_planned_under(shards[1], "transformers", "4.57.6")
     refused = gate("merge", world.checkpoints, "--config", config, "--out", tmp_path / "m2", "--from", shards[0], "--from", shards[1])
     assert refused.exit_code == 2 and "the shards scored under different library versions" in refused.output
     assert f"{shards[1]}: torch 2.13.0+cu126, transformers 4.57.6" in refused.output

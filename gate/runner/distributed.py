@@ -1,13 +1,13 @@
-"""Scale-out on Ray: checkpoints fan out to long-lived workers, one GPU each (one CPU without CUDA).
+"""Scale-out on Ray: slices of the work list fan out to long-lived workers, one GPU each (one CPU without CUDA).
 
-Each worker is a Ray actor that keeps its base model loaded between jobs and scores one model's
-share of suites per job (the same recipe as a local run, restricted with ``RunRequest.only``, into
-a worker-local store). The scores come back as store rows, and the driver writes them into the one
-results store. Then the driver runs the recipe with ``only={}``: nothing is computed, and
-results.json is assembled by exactly the code a single-machine run uses, so numbers, verdict and
-reports are identical.
+The driver plans once (``gate.work.plan``), writes work.json and sends each model's missing items
+to a worker. Each worker is a Ray actor with its own ``Runner`` (which keeps its base model loaded
+between jobs) and a worker-local store; it executes the items and returns the new store rows, which
+the driver writes into the one results store as they come. Once the perplexity items are in, the
+driver applies the funnel and sends the lm-eval items it keeps; then it assembles results.json once,
+with exactly the code a single-machine run uses, so numbers, verdict and reports are identical.
 
-A worker that dies loses only the job in flight: Ray restarts the actor and the driver submits the
+A worker that dies loses only the job in flight: the driver starts a fresh worker and submits the
 job again (``RETRIES`` times); everything already returned is in the store.
 """
 
@@ -18,36 +18,37 @@ import os
 import tempfile
 from pathlib import Path
 
+from gate.assemble import RunOutcome, assemble, rescoring
 from gate.errors import GateError, RunFailure
-from gate.request import RunRequest, funnel_selection
+from gate.flow import finish, funnel_scores, skipped_by_funnel, split_funnel
 from gate.progress import ProgressEvent, ProgressFn, no_progress
+from gate.request import RunRequest
 from gate.store import STORE_NAME, ResultsStore
+from gate.work import WORK_NAME, Failure, WorkItem, WorkList, funnel_keep, missing, plan, write_work
 
 RETRIES = 2
 INSTALL_HINT = "Ray is not installed: pip install 'gate[ray]' (or pip install 'ray>=2.9')"
 
 
 class ScoringWorker:
-    """One worker: a private output folder and store, and (through the recipe) a kept base model."""
+    """One worker: a private output folder and store, and a ``Runner`` that keeps its base loaded."""
 
     def __init__(self, request: RunRequest):
+        from gate.runner.recipe import Runner
+
         self._dir = Path(tempfile.mkdtemp(prefix="gate-worker-"))
-        self._request = dataclasses.replace(request, out_dir=self._dir, keep_base_loaded=True, failures={})
+        self._runner = Runner(dataclasses.replace(request, out_dir=self._dir))
         self._exported: set[str] = set()
 
-    def score(self, model: str, suites: list[str]) -> dict:
-        """Score one model's suites; returns the new store rows, what was computed, and failures."""
-        from gate.runner.recipe import run
-
-        _injected_fault(model)
-        outcome = run(dataclasses.replace(self._request, only={model: suites}))
-        record = outcome.results.base if model == "base" else next(c for c in outcome.results.checkpoints if c.name == model)
+    def score(self, work: WorkList, items: list[WorkItem]) -> dict:
+        """Execute one model's items; returns the new store rows, what was computed, and failures."""
+        _injected_fault(items[0].model)
         with ResultsStore(self._dir / STORE_NAME) as store:
+            done = self._runner.execute(work, items, store)
             new = store.keys() - self._exported
             rows = store.export(new) if new else {}
         self._exported |= new
-        failure = (record.reason, record.error_code) if record.status == "error" else None
-        return {"rows": rows, "computed": outcome.computed, "failure": failure, "base_loads": outcome.base_loads}
+        return {"rows": rows, "computed": done.computed, "failures": done.failures, "base_loads": done.base_loads}
 
 
 FAULT_ENV = "GATE_FAULT_INJECT_WORKER_EXIT"
@@ -62,13 +63,13 @@ def _injected_fault(model: str) -> None:
         os._exit(1)  # a hard death, as on a lost machine: no cleanup, no exception
 
 
-def run_on_ray(request: RunRequest, address: str | None = None, progress: ProgressFn = no_progress, workers: int | None = None):
-    """The distributed run: same inputs and results as ``gate.runner.run``."""
+def run_on_ray(request: RunRequest, address: str | None = None, progress: ProgressFn = no_progress, workers: int | None = None) -> RunOutcome:
+    """The distributed run: same inputs and results as ``gate.flow.run``."""
     try:
         import ray
     except ImportError:
         raise GateError(INSTALL_HINT) from None
-    from gate.runner.recipe import run
+    from gate.runner.recipe import Runner
 
     if not ray.is_initialized():
         ray.init(address=address, ignore_reinit_error=True, log_to_driver=False, include_dashboard=False)
@@ -81,50 +82,45 @@ def run_on_ray(request: RunRequest, address: str | None = None, progress: Progre
     pool: list = []
     progress(ProgressEvent("stage", message=f"ray: {size} worker(s), {'1 GPU' if per_worker.get('num_gpus') else '1 CPU'} each"))
 
-    # Phase A: the base on every suite; each checkpoint on the perplexity suites (cheap, for the funnel).
-    plan = run(dataclasses.replace(request, only={}))  # identities and what is missing; computes nothing
-    perplexity = [s.name for s in request.suites] + [s.name for s in request.probe_suites]  # generate suites too
-    tasks = [s.name for s in request.task_specs]
-    valid = [c.name for c in plan.results.checkpoints if c.status == "ok"]
-    collected = _Collected()
-    jobs = _missing(plan.results, [("base", perplexity + tasks)] + [(name, perplexity) for name in valid])
-    _dispatch(ray, pool, size, spawn, jobs, request, collected, progress)
+    with ResultsStore(request.out_dir / STORE_NAME) as store:
+        # The one plan: identities, keys and what is missing (the driver loads no model).
+        work = plan(request, Runner(request).environment(store.hash_cache, progress))
+        write_work(request.out_dir / WORK_NAME, work)
+        todo = missing(work, store.keys())
+        note = rescoring(todo, store)
+        work_ref = ray.put(work)
+        collected = _Collected()
 
-    # Phase B: lm-eval suites on the checkpoints the funnel keeps (all of them without a funnel).
-    if tasks:
-        ranked = run(dataclasses.replace(request, only={}, failures=collected.failures))
-        keep = _funnel_keep(request, ranked.results)
-        jobs = _missing(ranked.results, [(name, tasks) for name in valid if name in keep and name not in collected.failures])
-        _dispatch(ray, pool, size, spawn, jobs, request, collected, progress)
+        # Phase A: the base on every suite; each checkpoint on the perplexity and generate suites (for the funnel).
+        first, later = split_funnel(todo)
+        _dispatch(ray, pool, size, spawn, _by_model(first), work_ref, store, collected, progress)
 
-    final = run(dataclasses.replace(request, only={}, failures=collected.failures), progress)
-    final.computed = collected.computed
-    final.base_loads = collected.base_loads
-    computed = set(final.computed)
-    final.reused = [pair for pair in final.reused if pair not in computed]
-    return final
+        # Phase B: lm-eval suites on the checkpoints the funnel keeps (all of them without a funnel).
+        failed = {f.model for f in collected.failures}
+        later = [i for i in later if i.model not in failed]
+        kept = funnel_keep(work, later, funnel_scores(work, store, failed))
+        _dispatch(ray, pool, size, spawn, _by_model(kept), work_ref, store, collected, progress)
+
+        results = assemble(work, store, collected.failures, skipped_by_funnel(later, kept))
+    return finish(work, results, request.out_dir, collected.computed, collected.base_loads, note)
 
 
-def _missing(results, jobs: list[tuple[str, list[str]]]) -> list[tuple[str, list[str]]]:
-    """Only what the results store lacks: a re-run sends no work to any worker."""
-    models = {m.name: m for m in [results.base, *results.checkpoints]}
-    out = []
-    for name, suites in jobs:
-        model = models[name]
-        missing = [s for s in suites if s not in model.scores and s not in model.tasks]
-        if missing:
-            out.append((name, missing))
-    return out
+def _by_model(items: list[WorkItem]) -> list[list[WorkItem]]:
+    """One job per model: its items, in list order (the base's first)."""
+    jobs: dict[str, list[WorkItem]] = {}
+    for item in items:
+        jobs.setdefault(item.model, []).append(item)
+    return list(jobs.values())
 
 
 @dataclasses.dataclass
 class _Collected:
     computed: list = dataclasses.field(default_factory=list)
-    failures: dict = dataclasses.field(default_factory=dict)
+    failures: list[Failure] = dataclasses.field(default_factory=list)
     base_loads: int = 0
 
 
-def _dispatch(ray, pool, size: int, spawn, jobs, request: RunRequest, collected: _Collected, progress: ProgressFn) -> None:
+def _dispatch(ray, pool, size: int, spawn, jobs, work_ref, store: ResultsStore, collected: _Collected, progress: ProgressFn) -> None:
     """Run jobs on the pool as workers free up; store each answer as it arrives; retry lost jobs.
 
     A worker that dies is replaced by a fresh one (which loads the base again) and only its job is
@@ -134,41 +130,33 @@ def _dispatch(ray, pool, size: int, spawn, jobs, request: RunRequest, collected:
     attempts: dict[str, int] = {}
     running: dict = {}
     idle = pool
-    with ResultsStore(request.out_dir / STORE_NAME) as store:
-        while queue or running:
-            while queue and not idle and len(running) < size:
-                idle.append(spawn())
-            while queue and idle:
-                worker = idle.pop()
-                job = queue.pop(0)
-                running[worker.score.remote(*job)] = (worker, job)
-            done, _ = ray.wait(list(running), num_returns=1)
-            worker, job = running.pop(done[0])
-            try:
-                answer = ray.get(done[0])
-            except ray.exceptions.RayActorError:
-                attempts[job[0]] = attempts.get(job[0], 0) + 1
-                if attempts[job[0]] > RETRIES:
-                    raise RunFailure(f"ray: the worker scoring {job[0]} died {RETRIES + 1} times; see the Ray logs") from None
-                queue.append(job)  # only the job in flight is lost; a fresh worker takes it
-                continue
-            except ray.exceptions.RayTaskError as err:
-                cause = getattr(err, "cause", None)
-                if isinstance(cause, GateError):
-                    raise cause from None  # a domain error keeps its message and exit code
-                raise RunFailure(f"ray: scoring {job[0]} failed: {cause or err}") from None
-            idle.append(worker)
-            if answer["rows"]:
-                store.import_rows(answer["rows"])
-            collected.computed += [tuple(pair) for pair in answer["computed"]]
-            collected.base_loads += answer["base_loads"]
-            if answer["failure"]:
-                collected.failures[job[0]] = tuple(answer["failure"])
-            progress(ProgressEvent("stage", message=f"ray: {job[0]} scored on {', '.join(job[1])}"))
-
-
-def _funnel_keep(request: RunRequest, results) -> set[str]:
-    ok = [c for c in results.checkpoints if c.status == "ok"]
-    if request.funnel is None:
-        return {c.name for c in ok}
-    return funnel_selection(request.funnel, [(c.name, c.step, c.scores.get(request.funnel.suite)) for c in ok])
+    while queue or running:
+        while queue and not idle and len(running) < size:
+            idle.append(spawn())
+        while queue and idle:
+            worker = idle.pop()
+            job = queue.pop(0)
+            running[worker.score.remote(work_ref, job)] = (worker, job)
+        done, _ = ray.wait(list(running), num_returns=1)
+        worker, job = running.pop(done[0])
+        model = job[0].model
+        try:
+            answer = ray.get(done[0])
+        except ray.exceptions.RayActorError:
+            attempts[model] = attempts.get(model, 0) + 1
+            if attempts[model] > RETRIES:
+                raise RunFailure(f"ray: the worker scoring {model} died {RETRIES + 1} times; see the Ray logs") from None
+            queue.append(job)  # only the job in flight is lost; a fresh worker takes it
+            continue
+        except ray.exceptions.RayTaskError as err:
+            cause = getattr(err, "cause", None)
+            if isinstance(cause, GateError):
+                raise cause from None  # a domain error keeps its message and exit code
+            raise RunFailure(f"ray: scoring {model} failed: {cause or err}") from None
+        idle.append(worker)
+        if answer["rows"]:
+            store.import_rows(answer["rows"])
+        collected.computed += [tuple(pair) for pair in answer["computed"]]
+        collected.base_loads += answer["base_loads"]
+        collected.failures += answer["failures"]
+        progress(ProgressEvent("stage", message=f"ray: {model} scored on {', '.join(i.suite for i in job)}"))

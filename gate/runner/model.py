@@ -136,6 +136,11 @@ def choose_dtype(requested: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[requested]
 
 
+def dtype_named(name: str) -> torch.dtype:
+    """The torch dtype a work list names (``float32``, ``bfloat16``...)."""
+    return getattr(torch, name)
+
+
 def load_tokenizer(folder: Path, trust_remote_code: bool):
     from transformers import AutoTokenizer
 

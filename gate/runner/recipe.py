@@ -1,26 +1,25 @@
-"""The run recipe, top to bottom.
+"""The run recipe, top to bottom: execute a list of work items on this machine.
 
-1. identify the base, the settings and every (model, suite) score by content hashes;
-2. tokenize the perplexity suites and load the lm-eval tasks, before any model (bad data fails fast);
-3. drift suites: the base's top-k reference is computed (and stored) first where a checkpoint needs it;
-4. full-weight checkpoints stand alone: each is loaded by itself and scored on the perplexity suites;
-5. the base, loaded once, is scored on every suite before any adapter touches it;
-6. each adapter in turn on the same base: attach, score the perplexity suites, detach;
-7. the funnel picks the checkpoints that get the (expensive) lm-eval suites;
-8. those adapters are attached again in turn and scored on the lm-eval suites; the base is freed;
-9. selected full checkpoints get the lm-eval suites;
-10. results.json is assembled from the results store, the single source of truth.
+``Runner.environment`` says what only the GPU stack can (device and dtype, the scoring window,
+content hashes, the lm-eval tasks' identities) without loading a model; ``gate.work.plan`` turns
+that into the work list. ``Runner.execute`` then scores the items it is given:
 
-Only (model, suite) pairs missing from the store are scored, so a re-run costs nothing and a new
-checkpoint costs one checkpoint. Each pair is stored as soon as it is scored.
+1. the base's drift references first, where a checkpoint of the list needs one the store lacks;
+2. with the base in memory: the base on its items, then each adapter in turn on the same base
+   (attach, score, detach); then the base is freed;
+3. full-weight checkpoints, each alone in memory;
+4. with the base not in memory yet, full checkpoints come first, before the base takes the memory.
+
+Each score is stored as soon as it is computed. Which items are due (what the store lacks, what
+the funnel keeps, a shard's share) is decided by the caller (``gate.flow``), not here; nor is
+results.json assembled here (``gate.assemble``).
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import functools
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -37,95 +36,84 @@ from gate.errors import (
     StoreError,
 )
 from gate.hashing import sha256_files
-from gate.request import RunRequest, funnel_selection
 from gate.progress import ProgressEvent, ProgressFn, no_progress
-from gate.results import (
-    SCHEMA_VERSION,
-    ModelResult,
-    Results,
-    RunSettings,
-    SuiteInfo,
-    Drift,
-    SuiteScore,
-    unpaired_items,
-    write_results,
-)
+from gate.request import RunRequest
+from gate.results import Drift, RunSettings, SuiteInfo, SuiteScore
 from gate.runner import generate as generation
 from gate.runner import harness
 from gate.runner import model as models
 from gate.runner.perplexity import SCORING_VERSION, DriftReference, DriftRun, encode_suite, score_documents
 from gate.scan import Checkpoint
-from gate.store import STORE_NAME, ResultsStore, ScoreIdentity, ScoreProvenance, StoredReference
+from gate.store import ResultsStore, ScoreIdentity, ScoreProvenance, StoredReference
+from gate.work import Facts, Failure, WorkItem, WorkList
 
-RESULTS_NAME = "results.json"
 WORK_DIR = ".gate"  # under the output folder: localized task YAMLs
 
 
 @dataclass
-class ModelPlan:
-    """One model to be reported: its result record and, per suite, the store identity of its score."""
+class Executed:
+    """What one ``execute`` did."""
 
-    result: ModelResult
-    """The record that goes to results.json."""
-    checkpoint: Checkpoint | None
-    """The scanned checkpoint; None for the base."""
-    identities: dict[str, ScoreIdentity] = field(default_factory=dict)
-    """Suite name -> identity (store key) of this model's score on it."""
-
-    @property
-    def name(self) -> str:
-        return self.result.name
+    computed: list[tuple[str, str]] = field(default_factory=list)
+    """(model, suite) pairs scored and stored, in the order they were."""
+    failures: list[Failure] = field(default_factory=list)
+    """Checkpoints that failed to load or score (their other items were not scored)."""
+    base_loads: int = 0
+    """How many times the base model was loaded."""
 
 
 @dataclass
-class RunOutcome:
-    """What a run did: the results, where they are, and exactly what was computed."""
+class ModelPlan:
+    """One model to score: its name, the checkpoint to load, and its items' store identities."""
 
-    results_path: Path
-    """Where results.json is written."""
-    results: Results | None = None
-    """The results.json document (set once the run has assembled it)."""
-    computed: list[tuple[str, str]] = field(default_factory=list)
-    """(model, suite) pairs scored in this run."""
-    reused: list[tuple[str, str]] = field(default_factory=list)
-    """(model, suite) pairs taken from the results store."""
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-    """(model, suite) pairs not run on purpose (the funnel)."""
-    problems: list[tuple[str, int]] = field(default_factory=list)
-    """(message, exit code) for each checkpoint that is invalid or failed."""
-    base_loads: int = 0
-    """How many times the base model was loaded (0 when everything was in the store)."""
-    rescoring: str | None = None
-    """Why scores stored by an earlier run are computed again under this run's library versions
-    (one line for the user), or None when none are."""
-
-    @property
-    def exit_code(self) -> int:
-        return max((code for _, code in self.problems), default=0)
+    name: str
+    """``base`` or the checkpoint's name."""
+    checkpoint: Checkpoint | None
+    """The scanned checkpoint; None for the base."""
+    identities: dict[str, ScoreIdentity] = field(default_factory=dict)
+    """Suite name -> identity (store key) of this model's score on it (every suite of the work list)."""
 
 
-def run(request: RunRequest, progress: ProgressFn = no_progress) -> RunOutcome:
-    """Score the base and every valid checkpoint on every suite; write results.json."""
-    models.check_versions()
-    with ResultsStore(request.out_dir / STORE_NAME) as store:
-        # 1. Identify everything by content hashes.
+class Runner:
+    """This machine's scoring for one run request: the base, its tokenizer and the lm-eval tasks, each loaded once.
+
+    A long-lived worker keeps its ``Runner``, so its loaded base serves the next list too; a kept
+    base is only ever used with no adapter active, so it scores exactly as a fresh one.
+    ``release()`` frees the base.
+    """
+
+    def __init__(self, request: RunRequest):
+        self.request = request
+        self._base_dir: Path | None = None
+        self._base_config: dict | None = None
+        self._tasks: list | None = None
+        self._encoded: dict = {}
+        self._probes: dict = {}
+        self._base_model = None
+        self._slot: models.AdapterSlot | None = None
+        self.tokenizer = functools.cache(self._load_tokenizer)  # a run with everything stored never loads it
+
+    # -- what the GPU stack says, before any model loads -------------------------------------------
+
+    def environment(self, hash_cache=None, progress: ProgressFn = no_progress) -> Facts:
+        """Device, dtype, window, content hashes, the lm-eval tasks' identities: the facts planning needs."""
+        request = self.request
+        models.check_versions()
         progress(ProgressEvent("stage", message=f"resolving base {request.base}"))
-        base_dir = models.resolve_base(request.base, request.online)
-        base_config = models.read_model_config(base_dir)
-        models.check_saved_by(base_dir, base_config)
-        base_hash = sha256_files(models.weight_files(base_dir, request.allow_pickle), base_dir, store.hash_cache)
-        tokenizer_hash = sha256_files(models.tokenizer_files(base_dir), base_dir, store.hash_cache)
-        # Loaded on first use: a run with every score stored never imports the tokenizer stack.
-        tokenizer = functools.cache(lambda: models.load_tokenizer(base_dir, request.trust_remote_code))
+        base_dir, base_config = self._base()
+        base_hash = sha256_files(models.weight_files(base_dir, request.allow_pickle), base_dir, hash_cache)
+        tokenizer_hashes = {"base": sha256_files(models.tokenizer_files(base_dir), base_dir, hash_cache)}
+        for ckpt in request.scan.valid:
+            if ckpt.kind == "full" and ckpt.has_tokenizer:
+                folder = Path(ckpt.path)
+                tokenizer_hashes[ckpt.name] = sha256_files(models.tokenizer_files(folder), folder, hash_cache)
         context = models.context_size(base_config, models.read_tokenizer_config(base_dir))
         max_length, stride = models.choose_window(request.max_length, request.stride, context)
         _check_generation_room(request, context)
         _check_drift_k(request, base_config)
         device = models.choose_device(request.device)
         dtype = models.choose_dtype(request.dtype, device)
-        if request.task_specs:
-            progress(ProgressEvent("stage", message="loading lm-eval tasks"))
-        tasks = harness.prepare_tasks(request.task_specs, request.out_dir / WORK_DIR) if request.task_specs else []
+        tasks = self.tasks(progress)
         settings = RunSettings(
             device=str(device),
             dtype=str(dtype).removeprefix("torch."),
@@ -133,254 +121,216 @@ def run(request: RunRequest, progress: ProgressFn = no_progress) -> RunOutcome:
             max_length=max_length,
             stride=stride,
             scoring=SCORING_VERSION,
-            tokenizer_hash=tokenizer_hash,
+            tokenizer_hash=tokenizer_hashes["base"],
             lm_eval=harness.lm_eval_version() if tasks else None,
             seeds=dict(harness.SEEDS) if tasks else {},
         )
-        plans = _plan(request, tasks, base_hash, tokenizer_hash, settings, store, request.versions or models.score_versions())
-        outcome = RunOutcome(results_path=request.out_dir / RESULTS_NAME)
-        for plan in plans[1:]:
-            if plan.result.status == "invalid":
-                plan.result.error_code = EXIT_INVALID_INPUT
-                outcome.problems.append((plan.result.reason or plan.name, EXIT_INVALID_INPUT))
-            elif plan.name in request.failures:
-                reason, code = request.failures[plan.name]
-                plan.result.status, plan.result.reason, plan.result.error_code = "error", reason, code
-                outcome.problems.append((reason, code))
-        todo = {(p.name, s) for p in plans for s, ident in p.identities.items() if not store.has(ident.key)}
-        outcome.rescoring = _rescoring(plans, todo, store)
-        # Generate suites run with the perplexity suites, on every checkpoint (no funnel).
-        perplexity_suites = [s.name for s in request.suites] + [s.name for s in request.probe_suites]
-        task_suites = [t.spec.name for t in tasks]
-        base_plan, checkpoints = plans[0], [p for p in plans[1:] if p.result.status == "ok"]
-        adapters = [p for p in checkpoints if p.checkpoint.kind == "lora"]
-        fulls = [p for p in checkpoints if p.checkpoint.kind == "full"]
-
-        # 2. Tokenize perplexity suites once, for all models (only those this run may compute).
-        needed = {s for m, s in todo if _allowed(request, m, s)}
-        if needed:
-            tokenizer()  # a broken base tokenizer is the base's problem: report it before any checkpoint
-        progress(ProgressEvent("stage", message="tokenizing suites"))
-        encoded = {s.name: encode_suite(s, tokenizer()) for s in request.suites if s.name in needed}
-        probes = {
-            s.name: (s, generation.encode_probes(s, tokenizer(), context))
-            for s in request.probe_suites
-            if s.name in needed
-        }
-        scorer = _Scorer(
-            request=request,
-            store=store,
+        return Facts(
+            base_hash=base_hash,
+            tokenizer_hashes=tokenizer_hashes,
             settings=settings,
-            device=device,
-            dtype=dtype,
-            max_length=max_length,
-            stride=stride,
-            vocab_size=base_config.get("vocab_size"),
-            load_tokenizer=tokenizer,
-            encoded=encoded,
-            tasks={t.spec.name: t for t in tasks},
-            probes=probes,
-            todo=todo,
-            progress=progress,
-            outcome=outcome,
+            versions=models.score_versions(),
+            library_versions=models.library_versions(),
+            tasks=[_task_info(t) for t in tasks],
+            semantics={t.spec.name: {"higher_is_better": dict(t.higher_is_better), "aggregation": dict(t.aggregation)} for t in tasks},
+            doc_fields={t.spec.name: t.doc_fields for t in tasks},
+            generation={s.name: generation.suite_record(s) for s in request.probe_suites},
         )
 
-        base = _LoadedBase(
-            lambda: models.load_model(base_dir, device, dtype, request.trust_remote_code),
-            outcome,
-            key=(str(base_dir), base_hash, str(device), str(dtype)) if request.keep_base_loaded else None,
-        )
+    def tasks(self, progress: ProgressFn = no_progress) -> list:
+        """The lm-eval suites' tasks, loaded once per runner (bad data fails before any model loads)."""
+        if self._tasks is None:
+            specs = self.request.task_specs
+            if specs:
+                progress(ProgressEvent("stage", message="loading lm-eval tasks"))
+            self._tasks = harness.prepare_tasks(specs, self.request.out_dir / WORK_DIR) if specs else []
+        return self._tasks
 
-        # 3. Drift references: the base's top-k on every drift suite that a checkpoint of this run
-        # still needs (a worker or shard whose share lacks the base computes them for itself).
-        pending = scorer.missing_references(base_plan, checkpoints)
-        if pending:
-            scorer.score(base.model(), base_plan, pending, force=True)
-            if any(scorer.needs(p, perplexity_suites) for p in fulls):
-                base.release()  # a full checkpoint stands alone in memory
+    def _base(self) -> tuple[Path, dict]:
+        if self._base_dir is None:
+            base_dir = models.resolve_base(self.request.base, self.request.online)
+            base_config = models.read_model_config(base_dir)
+            models.check_saved_by(base_dir, base_config)
+            self._base_dir, self._base_config = base_dir, base_config
+        return self._base_dir, self._base_config
 
-        # 4. Full-weight checkpoints, each alone, before the base takes the memory.
-        for plan in fulls:
-            scorer.full_checkpoint(plan, perplexity_suites)
+    def _load_tokenizer(self):
+        return models.load_tokenizer(self._base()[0], self.request.trust_remote_code)
 
-        # 5. The base, loaded once, on every suite, before any adapter is injected into it.
-        if scorer.needs(base_plan, perplexity_suites + task_suites):
-            scorer.score(base.model(), base_plan, perplexity_suites + task_suites)
+    # -- the base in memory, with its adapter slot ---------------------------------------------------
 
-        # 6. Each adapter in turn on the same base: attach, score, detach.
-        for plan in adapters:
-            scorer.adapter(base, plan, perplexity_suites)
+    def base_model(self, done: Executed, device, dtype):
+        if self._base_model is None:
+            self._base_model = models.load_model(self._base()[0], device, dtype, self.request.trust_remote_code)
+            self._slot = models.AdapterSlot(self._base_model)
+            done.base_loads += 1
+        return self._base_model
 
-        # 7. The funnel: lm-eval suites only for the best checkpoints.
-        selected = _funnel(request, checkpoints, task_suites, store, scorer)
-
-        # 8. lm-eval suites on the selected adapters; then the base is freed.
-        for plan in adapters:
-            if plan.name in selected:
-                scorer.adapter(base, plan, task_suites)
-        base.release()
-
-        # 9. lm-eval suites on the selected full checkpoints.
-        for plan in fulls:
-            if plan.name in selected:
-                scorer.full_checkpoint(plan, task_suites)
-
-        # 10. Assemble results.json from the store.
-        results = _assemble(request, plans, tasks, settings, store, outcome)
-    outcome.results = results
-    computed = set(outcome.computed)
-    outcome.reused = sorted(
-        (p.name, s)
-        for p in plans
-        for s in p.identities
-        if (p.name, s) not in computed and s not in p.result.skipped and (s in p.result.scores or s in p.result.tasks)
-    )
-    outcome.skipped = sorted((p.name, s) for p in plans for s in p.result.skipped)
-    write_results(outcome.results_path, results)
-    return outcome
-
-
-_KEPT_BASES: dict[tuple, tuple] = {}  # a long-lived worker's base and adapter slot, by identity
-
-
-class _LoadedBase:
-    """The base model, loaded on first use (never when everything is stored), and its adapter slot.
-
-    With ``key`` (a long-lived worker), the model and its slot stay in this process for the next
-    run. A kept base is only ever used with no adapter active, so it scores exactly as a fresh one.
-    """
-
-    def __init__(self, load, outcome: RunOutcome, key: tuple | None = None):
-        self._load = load
-        self._outcome = outcome
-        self._key = key
-        self._model = None
-        self.slot: models.AdapterSlot | None = None
-        if key is not None and key in _KEPT_BASES:
-            self._model, self.slot = _KEPT_BASES[key]
-
-    def model(self):
-        if self._model is None:
-            self._model = self._load()
-            self._outcome.base_loads += 1
-            self.slot = models.AdapterSlot(self._model)
-            if self._key is not None:
-                _KEPT_BASES.clear()  # one base per worker
-                _KEPT_BASES[self._key] = (self._model, self.slot)
-        return self._model
+    @property
+    def base_loaded(self) -> bool:
+        return self._base_model is not None
 
     def release(self) -> None:
-        if self._key is None:
-            self._model = self.slot = None
+        """Free the base (a full checkpoint stands alone in memory; the run is over)."""
+        if self._base_model is not None:
+            self._base_model = self._slot = None
             models.free_memory()
 
+    # -- the recipe ----------------------------------------------------------------------------------
 
-def _plan(
-    request, tasks, base_hash, tokenizer_hash, settings: RunSettings, store: ResultsStore, versions: dict[str, str]
-) -> list[ModelPlan]:
-    key_settings = {
-        "dtype": settings.dtype,
-        "max_length": settings.max_length,
-        "stride": settings.stride,
-        "scoring": settings.scoring,
-    }
-    suite_identities = {s.name: s.identity for s in request.suites}
-    suite_identities.update({s.name: s.identity for s in request.probe_suites})
-    suite_identities.update({t.spec.name: t.identity for t in tasks})
-    task_names = {t.spec.name for t in tasks}
-    base = ModelPlan(
-        result=ModelResult(name="base", kind="base", path=request.base, weights_hash=base_hash), checkpoint=None
-    )
-    plans = [base]
-    for ckpt in request.scan.checkpoints:
-        result = ModelResult(
-            name=ckpt.name,
-            kind=ckpt.kind,
-            path=ckpt.path,
-            status=ckpt.status,
-            reason=ckpt.reason,
-            step=ckpt.step,
-            weights_hash=ckpt.weights_hash,
-            train_loss=ckpt.train_loss,
-            eval_loss=ckpt.eval_loss,
-            lora=None if ckpt.lora is None else vars(ckpt.lora),
-        )
-        plans.append(ModelPlan(result=result, checkpoint=ckpt))
-    drift_suites = {s.name for s in request.suites if s.drift_k is not None}
-    for plan in plans:
-        if plan.result.status != "ok":
-            continue
-        is_full = plan.result.kind == "full"
-        tok_hash = tokenizer_hash
-        if is_full and plan.checkpoint.has_tokenizer:
-            folder = Path(plan.checkpoint.path)
-            tok_hash = sha256_files(models.tokenizer_files(folder), folder, store.hash_cache)
-        # peft computes only adapters' numbers, lm-eval only its suites': a version of either
-        # changes (and rescores) only those.
-        model_versions = {k: v for k, v in versions.items() if k != "peft" or plan.result.kind == "lora"}
-        for name, identity in suite_identities.items():
-            numbers_settings = key_settings
-            if name in drift_suites and plan is not base:
-                # A checkpoint's drift is computed against the base's stored top-k: its key names that score.
-                numbers_settings = {**key_settings, "drift_reference": base.identities[name].key}
-            plan.identities[name] = ScoreIdentity(
-                base_hash=None if is_full else base_hash,
-                model_hash=plan.result.weights_hash,
-                tokenizer_hash=tok_hash,
-                suite_identity=identity,
-                settings=numbers_settings,
-                versions={**model_versions, **({"lm_eval": settings.lm_eval} if name in task_names else {})},
-            )
-    return plans
+    def execute(self, work: WorkList, items: list[WorkItem], store: ResultsStore, progress: ProgressFn = no_progress) -> Executed:
+        """Score the items (those the store lacks), base loaded once; store each score at once.
 
+        A checkpoint that fails is reported in ``failures`` and its other items are left; a base
+        that fails stops the run (RunFailure); so does the disk (StoreError).
+        """
+        done = Executed()
+        items = [i for i in items if not store.has(i.key)]
+        if not items:
+            return done
+        request = self.request
+        self.tokenizer()  # a broken base tokenizer is the base's problem: report it before any checkpoint
+        scorer = self._scorer(work, items, store, progress)
+        plans = self._plans(work)
+        due: dict[str, list[str]] = {}
+        for item in items:
+            due.setdefault(item.model, []).append(item.suite)
+        base_plan = plans["base"]
+        by_kind = {kind: [plans[m] for m in due if m != "base" and plans[m].checkpoint.kind == kind] for kind in ("lora", "full")}
+        load_base = lambda: self.base_model(done, scorer.device, scorer.dtype)  # noqa: E731
 
-def _rescoring(plans: list[ModelPlan], todo: set, store: ResultsStore) -> str | None:
-    """One line saying which stored scores are computed again because library versions changed."""
-    changes: dict[str, set[str]] = {}
-    count = 0
-    for plan in plans:
-        for suite, identity in plan.identities.items():
-            if (plan.name, suite) not in todo:
-                continue
-            stored = store.other_versions(identity)
-            if not stored:
-                continue
-            count += 1
-            for old in stored:
-                for package, new in identity.versions.items():
-                    if old.get(package) != new:
-                        changes.setdefault(package, set()).add(f"{old.get(package, 'unrecorded')} -> {new}")
-    if not count:
-        return None
-    what = ", ".join(f"{package} {' / '.join(sorted(c))}" for package, c in sorted(changes.items()))
-    return (
-        f"rescoring {count} model x suite score(s) stored under other library versions ({what}): "
-        "scores computed under other versions are never compared"
-    )
+        # 1. Drift references: the base's top-k on every drift suite that a checkpoint here still needs
+        # (a worker or shard whose share lacks the base computes them for itself).
+        needed = {s for m, suites in due.items() if m != "base" for s in suites}
+        pending = [
+            s.name
+            for s in request.suites
+            if s.drift_k is not None and s.name in needed and not store.has(base_plan.identities[s.name].key)
+        ]
+        if pending:
+            scorer.score(load_base(), base_plan, pending, done, report=set(due.get("base", [])))
 
+        def base_and_adapters() -> None:
+            # 2. The base, loaded once, on its items, before any adapter is injected into it;
+            # then each adapter in turn on the same base: attach, score, detach.
+            if due.get("base"):
+                scorer.score(load_base(), base_plan, due["base"], done)
+            for plan in by_kind["lora"]:
+                load_base()
+                self.progress_stage(progress, f"attaching adapter {plan.name}")
+                scorer.load_and_score(plan, lambda p=plan: self._slot.attach(p.checkpoint), self._slot.detach, due[plan.name], done)
 
-def _funnel(request: RunRequest, checkpoints: list[ModelPlan], task_suites, store, scorer: _Scorer) -> set[str]:
-    """Names of the checkpoints that get the lm-eval suites; the others are marked skipped."""
-    everyone = {p.name for p in checkpoints}
-    funnel = request.funnel
-    if funnel is None or not task_suites:
-        return everyone
-    candidates = []
-    for plan in checkpoints:
-        identity = plan.identities.get(funnel.suite)
-        score = store.get(identity.key) if identity and plan.result.status == "ok" else None
-        candidates.append((plan.name, plan.result.step, score))  # failed on the ranking suite: never selected
-    selected = funnel_selection(funnel, candidates)
-    for plan in checkpoints:
-        if plan.name in selected:
-            continue
-        for suite in task_suites:
-            if (plan.name, suite) in scorer.todo:
-                scorer.todo.discard((plan.name, suite))
-                plan.result.skipped[suite] = (
-                    f"funnel: not among the {funnel.top_k} best by {funnel.suite}.{funnel.metric}"
+        def fulls() -> None:
+            # 3. Full-weight checkpoints, each alone in memory.
+            for plan in by_kind["full"]:
+                self.release()
+                load = functools.partial(
+                    models.load_model, Path(plan.checkpoint.path), scorer.device, scorer.dtype, request.trust_remote_code, CheckpointError
                 )
-    return selected
+                self.progress_stage(progress, f"loading full checkpoint {plan.name}")
+                scorer.load_and_score(plan, load, models.free_memory, due[plan.name], done)
+
+        if self.base_loaded:
+            base_and_adapters()
+            fulls()
+        else:
+            # 4. The base not in memory yet: full checkpoints first, then the base takes the memory.
+            fulls()
+            base_and_adapters()
+        return done
+
+    @staticmethod
+    def progress_stage(progress: ProgressFn, message: str) -> None:
+        progress(ProgressEvent("stage", message=message))
+
+    def _plans(self, work: WorkList) -> dict[str, ModelPlan]:
+        checkpoints = {c.name: c for c in self.request.scan.checkpoints}
+        plans = {m.name: ModelPlan(m.name, checkpoints.get(m.name) if m.name != "base" else None) for m in work.models}
+        for item in work.items:
+            plans[item.model].identities[item.suite] = item.identity
+        return plans
+
+    def _scorer(self, work: WorkList, items: list[WorkItem], store: ResultsStore, progress: ProgressFn) -> _Scorer:
+        request = self.request
+        settings = work.settings
+        device = models.choose_device(request.device)
+        dtype = models.dtype_named(settings.dtype)
+        base_dir, base_config = self._base()
+        context = models.context_size(base_config, models.read_tokenizer_config(base_dir))
+        suites = {i.suite for i in items} | {s.name for s in request.suites if s.drift_k is not None}
+        progress(ProgressEvent("stage", message="tokenizing suites"))
+        for s in request.suites:
+            if s.name in suites and s.name not in self._encoded:
+                self._encoded[s.name] = encode_suite(s, self.tokenizer())
+        for s in request.probe_suites:
+            if s.name in suites and s.name not in self._probes:
+                self._probes[s.name] = (s, generation.encode_probes(s, self.tokenizer(), context))
+        tasks = self.tasks(progress) if any(i.kind == "lm_eval" for i in items) else []
+        return _Scorer(
+            request=request,
+            store=store,
+            settings=replace(settings, device=str(device)),
+            device=device,
+            dtype=dtype,
+            max_length=settings.max_length,
+            stride=settings.stride,
+            vocab_size=base_config.get("vocab_size"),
+            load_tokenizer=self.tokenizer,
+            encoded=self._encoded,
+            tasks={t.spec.name: t for t in tasks},
+            probes=self._probes,
+            progress=progress,
+        )
+
+
+def environment(request: RunRequest, hash_cache=None, progress: ProgressFn = no_progress) -> Facts:
+    """The facts planning needs from the GPU stack, with no model loaded (a one-off ``Runner``)."""
+    return Runner(request).environment(hash_cache, progress)
+
+
+def execute(
+    request: RunRequest, work: WorkList, items: list[WorkItem], store: ResultsStore, progress: ProgressFn = no_progress
+) -> Executed:
+    """Score the items on this machine and free the base afterwards (a one-off ``Runner``)."""
+    runner = Runner(request)
+    try:
+        return runner.execute(work, items, store, progress)
+    finally:
+        runner.release()
+
+
+def _task_info(task) -> SuiteInfo:
+    """An lm-eval suite as results.json describes it."""
+    return SuiteInfo(
+        name=task.spec.name,
+        type="lm_eval",
+        path=task.spec.task,
+        data_hash=task.docs_hash,
+        identity=task.identity,
+        documents=task.n_documents,
+        chat_template=task.spec.use_chat_template,
+        metric=task.metric,
+        limit=task.spec.limit,
+        num_fewshot=task.spec.num_fewshot,
+        versions=task.versions,
+        generation=harness.generation_settings(task.spec),
+    )
+
+
+def _check_generation_room(request: RunRequest, context: int | None) -> None:
+    """max_new_tokens must leave room for a prompt in the model's context (before any model loads)."""
+    if context is None:
+        return
+    problems = [
+        f"line {s.config_line}: " * (s.config_line is not None)
+        + f"suite {s.name!r}: max_new_tokens {s.max_new_tokens} is not below the model's context of {context} tokens; "
+        f"lower max_new_tokens (e.g. {min(128, context // 2)})"
+        for s in request.probe_suites
+        if s.max_new_tokens >= context
+    ]
+    if problems:
+        raise ConfigError(request.config_path, problems)
+
 
 
 def _check_drift_k(request: RunRequest, base_config: dict) -> None:
@@ -395,22 +345,14 @@ def _check_drift_k(request: RunRequest, base_config: dict) -> None:
             )
 
 
-def _allowed(request: RunRequest, model: str, suite: str) -> bool:
-    """Whether this run may compute the pair (``only`` is a distributed worker's or shard's share)."""
-    return request.only is None or suite in request.only.get(model, ())
-
-
-def _fail(plan: ModelPlan, err: GateError, outcome: RunOutcome) -> None:
-    plan.result.status = "error"
-    plan.result.reason = str(err)
+def _failure(plan: ModelPlan, err: GateError) -> Failure:
     code = EXIT_RUNTIME_FAILURE if isinstance(err, RunFailure) else EXIT_INVALID_INPUT
-    plan.result.error_code = code
-    outcome.problems.append((str(err), code))
+    return Failure(plan.name, str(err), code)
 
 
 @dataclass
 class _Scorer:
-    """Scores loaded models on the suites they still need and stores each score at once."""
+    """Scores loaded models on the suites they are given and stores each score at once."""
 
     request: RunRequest
     store: ResultsStore
@@ -424,9 +366,7 @@ class _Scorer:
     encoded: dict
     tasks: dict
     probes: dict
-    todo: set
     progress: ProgressFn
-    outcome: RunOutcome
 
     @property
     def tokenizer(self):
@@ -435,46 +375,8 @@ class _Scorer:
     references: dict = field(default_factory=dict)
     """Suite -> the base's drift reference (per document), read from the store once."""
 
-    def needs(self, plan: ModelPlan, suites: list[str]) -> bool:
-        return plan.result.status == "ok" and any(self._due(plan.name, s) for s in suites)
-
-    def missing_references(self, base: ModelPlan, checkpoints: list[ModelPlan]) -> list[str]:
-        """Drift suites that a checkpoint of this run still needs and whose base reference is not stored."""
-        return [
-            s.name
-            for s in self.request.suites
-            if s.drift_k is not None
-            and any(self._due(p.name, s.name) for p in checkpoints)
-            and not self.store.has(base.identities[s.name].key)
-        ]
-
-    def _due(self, model: str, suite: str) -> bool:
-        """Missing from the store, and this run's to compute."""
-        return (model, suite) in self.todo and _allowed(self.request, model, suite)
-
-    def adapter(self, base: _LoadedBase, plan: ModelPlan, suites: list[str]) -> None:
-        if not self.needs(plan, suites):
-            return
-        base.model()
-        self.progress(ProgressEvent("stage", message=f"attaching adapter {plan.name}"))
-        self._load_and_score(plan, lambda: base.slot.attach(plan.checkpoint), base.slot.detach, suites)
-
-    def full_checkpoint(self, plan: ModelPlan, suites: list[str]) -> None:
-        if not self.needs(plan, suites):
-            return
-        load = functools.partial(
-            models.load_model,
-            Path(plan.checkpoint.path),
-            self.device,
-            self.dtype,
-            self.request.trust_remote_code,
-            CheckpointError,
-        )
-        self.progress(ProgressEvent("stage", message=f"loading full checkpoint {plan.name}"))
-        self._load_and_score(plan, load, models.free_memory, suites)
-
-    def _load_and_score(self, plan: ModelPlan, load, release, suites: list[str]) -> None:
-        """Check the tokenizer, load (an adapter or a full model), score, release; failures stay with the plan."""
+    def load_and_score(self, plan: ModelPlan, load, release, suites: list[str], done: Executed) -> None:
+        """Check the tokenizer, load (an adapter or a full model), score, release; a failure stays with the checkpoint."""
         try:
             problem = models.tokenizer_problem(
                 plan.checkpoint, self.tokenizer, self.vocab_size or len(self.tokenizer), self.request.trust_remote_code
@@ -484,20 +386,23 @@ class _Scorer:
             self._check_drift_vocabulary(plan, suites)
             model = load()
         except GateError as err:
-            _fail(plan, err, self.outcome)
+            done.failures.append(_failure(plan, err))
             return
         try:
-            self.score(model, plan, suites)
+            self.score(model, plan, self._ordered(suites), done)
         finally:
             model = None  # drop our reference before release() frees the memory
             release()
 
-    def score(self, model, plan: ModelPlan, suites: list[str], force: bool = False) -> None:
-        """Score the suites still due (``force``: due even outside this run's share: drift references)."""
+    def _ordered(self, suites: list[str]) -> list[str]:
+        # The cheap suites first, lm-eval's last: as a run without a funnel always scored them.
+        return [s for s in suites if s not in self.tasks] + [s for s in suites if s in self.tasks]
+
+    def score(self, model, plan: ModelPlan, suites: list[str], done: Executed, report: set[str] | None = None) -> None:
+        """Score and store each suite; ``report``: the suites counted as computed (default: all of them)."""
         for suite in suites:
-            due = (plan.name, suite) in self.todo if force else self._due(plan.name, suite)
-            if not due or plan.result.status != "ok":
-                continue
+            if self.store.has(plan.identities[suite].key):
+                continue  # computed meanwhile (a drift reference also stores the base's score)
             try:
                 if suite in self.tasks:
                     self._task(model, plan, suite)
@@ -510,10 +415,10 @@ class _Scorer:
             except RunFailure as err:
                 if plan.checkpoint is None:
                     raise RunFailure(f"base model on suite {suite!r}: {err}") from None
-                _fail(plan, RunFailure(f"{plan.name} on suite {suite!r}: {err}"), self.outcome)
+                done.failures.append(_failure(plan, RunFailure(f"{plan.name} on suite {suite!r}: {err}")))
                 return
-            self.todo.discard((plan.name, suite))
-            self.outcome.computed.append((plan.name, suite))
+            if report is None or suite in report:
+                done.computed.append((plan.name, suite))
 
     def _provenance(self, began: float, batch_size: int) -> ScoreProvenance:
         return ScoreProvenance(
@@ -628,139 +533,3 @@ class _Scorer:
         self.store.put_task(plan.identities[suite], score, self._provenance(began, self.request.batch_size))
         self.progress(ProgressEvent("done", model=plan.name, suite=suite, done=task.n_documents, total=task.n_documents))
 
-
-def _record_groups(request, plans: list[ModelPlan], tasks) -> None:
-    """Give the base's records the fields gates cluster by (JSONL ``meta``, lm-eval document fields)."""
-    gates = request.policy.gates if request.policy is not None else []
-    wanted: dict[str, set[str]] = {}
-    for g in gates:
-        if g.cluster:
-            wanted.setdefault(g.suite, set()).add(g.cluster)
-    base = next((p.result for p in plans if p.result.kind == "base"), None)
-    if base is None or not wanted:
-        return
-    meta = {s.name: {d.id: d.meta for d in s.documents} for s in request.suites}
-    fields = {t.spec.name: t.doc_fields for t in tasks}
-    for suite, names in wanted.items():
-        records = base.scores[suite].documents if suite in base.scores else (base.tasks[suite].items if suite in base.tasks else [])
-        source = meta.get(suite) or fields.get(suite) or {}
-        for record in records:
-            values = source.get(record.id, {})
-            record.groups = {n: values[n] for n in sorted(names) if n in values}
-
-
-def _assemble(request, plans: list[ModelPlan], tasks, settings, store: ResultsStore, outcome: RunOutcome) -> Results:
-    semantics = {t.spec.name: t for t in tasks}
-    for plan in plans:
-        if plan.result.status != "ok":
-            continue
-        for suite, identity in plan.identities.items():
-            if suite in plan.result.skipped:
-                continue
-            score = store.get(identity.key)
-            if score is not None:
-                plan.result.scores[suite] = score
-            task_score = store.get_task(identity.key)
-            if task_score is not None:
-                # Scores stored before gate recorded metric semantics get them from the task itself.
-                prepared = semantics.get(suite)
-                if prepared is not None:
-                    task_score.higher_is_better = task_score.higher_is_better or dict(prepared.higher_is_better)
-                    task_score.aggregation = task_score.aggregation or dict(prepared.aggregation)
-                plan.result.tasks[suite] = task_score
-    _check_pairing(plans, outcome)
-    _record_groups(request, plans, tasks)
-    suites = [
-        SuiteInfo(
-            name=s.name,
-            type="perplexity",
-            path=s.path,
-            data_hash=s.data_hash,
-            identity=s.identity,
-            documents=len(s.documents),
-            chat_template=s.chat_template,
-            limit=s.options.get("limit"),
-            excerpts={d.id: d.excerpt() for d in s.documents},
-            overlap=[o for o in request.overlaps if o.suite == s.name],
-            drift_k=s.drift_k,
-        )
-        for s in request.suites
-    ] + [
-        SuiteInfo(
-            name=t.spec.name,
-            type="lm_eval",
-            path=t.spec.task,
-            data_hash=t.docs_hash,
-            identity=t.identity,
-            documents=t.n_documents,
-            chat_template=t.spec.use_chat_template,
-            metric=t.metric,
-            limit=t.spec.limit,
-            num_fewshot=t.spec.num_fewshot,
-            versions=t.versions,
-            generation=harness.generation_settings(t.spec),
-        )
-        for t in tasks
-    ] + [
-        SuiteInfo(
-            name=s.name,
-            type="generate",
-            path=s.path,
-            data_hash=s.data_hash,
-            identity=s.identity,
-            documents=len(s.probes),
-            chat_template=s.chat_template,
-            metric=s.metric,
-            limit=s.limit,
-            excerpts={p.id: p.excerpt() for p in s.probes},
-            checks={p.id: p.checks for p in s.probes if p.checks},
-            generation=generation.suite_record(s),
-        )
-        for s in request.probe_suites
-    ]
-    return Results(
-        schema_version=SCHEMA_VERSION,
-        gate_version=gate.__version__,
-        created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        command=request.command,
-        versions={**models.library_versions(), **({"lm_eval": settings.lm_eval} if settings.lm_eval else {})},
-        settings=settings,
-        base=plans[0].result,
-        checkpoints=[p.result for p in plans[1:]],
-        suites=suites,
-        warnings=list(request.scan.warnings) + list(request.warnings),
-        config=request.config_path,
-    )
-
-
-def _check_generation_room(request: RunRequest, context: int | None) -> None:
-    """max_new_tokens must leave room for a prompt in the model's context (before any model loads)."""
-    if context is None:
-        return
-    problems = [
-        f"line {s.config_line}: " * (s.config_line is not None)
-        + f"suite {s.name!r}: max_new_tokens {s.max_new_tokens} is not below the model's context of {context} tokens; "
-        f"lower max_new_tokens (e.g. {min(128, context // 2)})"
-        for s in request.probe_suites
-        if s.max_new_tokens >= context
-    ]
-    if problems:
-        raise ConfigError(request.config_path, problems)
-
-
-def _check_pairing(plans: list[ModelPlan], outcome: RunOutcome) -> None:
-    """Base and checkpoint must have seen the same prompts, item by item, before they are compared."""
-    base = plans[0].result
-    for plan in plans[1:]:
-        for suite, score in list(plan.result.tasks.items()):
-            reference = base.tasks.get(suite)
-            if reference is None:
-                continue
-            mismatched = unpaired_items(reference, score)
-            if mismatched:
-                del plan.result.tasks[suite]
-                message = (
-                    f"{plan.name} on suite {suite!r}: {len(mismatched)} item(s) saw other prompts than the base "
-                    f"(first: {mismatched[0]}); its scores are dropped: delete the output folder's gate.sqlite and re-run"
-                )
-                _fail(plan, RunFailure(message), outcome)
