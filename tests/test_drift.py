@@ -430,6 +430,76 @@ def test_rerun_reuses_drift_and_the_key_names_the_base_score(drift_run, world):
         assert (k, lp, ix) == (16, rest // 8 * 16 * 4, rest // 8 * 16 * 4)
 
 
+@pytest.fixture(scope="module")
+def exact_run(world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("exact-run")
+    config = write_config(world, out / "gate.yaml", extra="drift: true\n")
+    result = run_gate("run", world.checkpoints, "--config", config, "--out", out / "reports")
+    return out, config, result
+
+
+def test_run_with_drift_true_is_exact(exact_run, world, base_model, tuned, tokenizer):
+    out, _, result = exact_run
+    assert result.exit_code in (0, 1), result.output
+    results = json.loads((out / "reports/results.json").read_text())
+    assert {s["name"]: s["drift_k"] for s in results["suites"]} == {"text": 0, "long": 0}
+    by_name = {c["name"]: c for c in results["checkpoints"]}
+    untrained = by_name["untrained"]["scores"]["text"]
+    assert untrained["kl"] <= 1e-6 and untrained["top1"] == 1.0
+    trained = by_name["run-a/checkpoint-4"]["scores"]["text"]
+    docs = encode_suite(load_suite("text", world.suites / "text.jsonl"), tokenizer)
+    expected = [independent(base_model, tuned, d, 1) for d in docs]
+    tokens = sum(d.n_scored for d in docs)
+    assert trained["kl"] == pytest.approx(sum(e[0].sum() for e in expected) / tokens, rel=1e-5)
+    assert trained["top1"] == pytest.approx(sum(e[2].sum() for e in expected) / tokens)
+    per_token = np.concatenate([e[0] for e in expected])
+    assert trained["drift"] == {"k": 0, "kl_p99": pytest.approx(float(np.percentile(per_token, 99)), rel=1e-4)}
+    for doc, e in zip(trained["documents"], expected):  # per-document sums: what the bootstrap resamples
+        assert doc["kl_sum"] == pytest.approx(e[0].sum(), rel=1e-4, abs=1e-6)
+        assert doc["top1_matches"] == e[2].sum()
+    html = (out / "reports/report.html").read_text()
+    assert "drift exact" in html
+
+
+def test_exact_rerun_reuses_the_hidden_states_and_scores(exact_run, world, drift_run):
+    import sqlite3
+
+    out, config, _ = exact_run
+    store = out / "reports/gate.sqlite"
+    before = sqlite3.connect(store).execute("SELECT key, created_at FROM suite_scores ORDER BY key").fetchall()
+    again = run_gate("run", world.checkpoints, "--config", config, "--out", out / "reports")
+    assert again.exit_code in (0, 1)
+    conn = sqlite3.connect(store)
+    assert conn.execute("SELECT key, created_at FROM suite_scores ORDER BY key").fetchall() == before  # nothing rescored
+    width = AutoModelForCausalLM.from_pretrained(world.base).config.hidden_size
+    hidden = conn.execute(
+        "SELECT h.dtype, h.width, length(h.hidden), d.tokens FROM drift_hidden h JOIN document_scores d "
+        "ON d.score_key = h.score_key AND d.position = h.position"
+    ).fetchall()
+    assert len(hidden) == conn.execute("SELECT COUNT(*) FROM drift_hidden").fetchone()[0] > 0
+    assert all((dtype, w, size) == ("float32", width, tokens * 4 * width) for dtype, w, size, tokens in hidden)
+    assert conn.execute("SELECT COUNT(*) FROM drift_references").fetchone() == (0,)
+    base_keys = {r[0] for r in conn.execute("SELECT DISTINCT score_key FROM drift_hidden")}
+    refs = [json.loads(r[0])["settings"].get("drift_reference") for r in conn.execute("SELECT identity_json FROM suite_scores")]
+    assert len(base_keys) == 2 and set(filter(None, refs)) == base_keys  # each checkpoint's drift names the base score
+    # The method is part of the key: the top-k run (drift_k 16) has other base scores for suite text.
+    topk = sqlite3.connect(drift_run[0] / "reports/gate.sqlite")
+    assert not {r[0] for r in topk.execute("SELECT score_key FROM drift_references")} & base_keys
+
+
+def test_exact_drift_refuses_a_base_with_soft_capped_logits(world, tmp_path):
+    base = tmp_path / "capped"
+    shutil.copytree(world.base, base)
+    config_json = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config_json, "final_logit_softcapping": 30.0}))
+    config = tmp_path / "gate.yaml"
+    config.write_text(f"base: {base}\ndrift: true\nsuites:\n  - {{name: text, path: {world.suites / 'text.jsonl'}}}\n")
+    result = run_gate("run", world.checkpoints, "--config", config, "--out", tmp_path / "out")
+    assert result.exit_code == 2, result.output
+    assert "suite 'text': exact drift recomputes the base's logits as lm_head(hidden state)" in result.output
+    assert "its config.json sets final_logit_softcapping" in result.output and "set `drift_k: 32`" in result.output
+
+
 def test_drift_gate_on_a_suite_without_drift_is_bad_input(world, tmp_path):
     config = write_config(world, tmp_path / "gate.yaml", gates="gates:\n  - {suite: long, metric: kl, max: 0.05}\n")
     result = run_gate("run", world.checkpoints, "--config", config, "--out", tmp_path / "out")
