@@ -640,3 +640,18 @@ def test_simulation_drift_well_inside_the_limit_passes_and_well_outside_fails(me
     assert (inside == "pass").mean() >= 0.8 and (inside == "fail").sum() == 0
     outside = _simulate(metric, limit, 2 * limit - truth, reps=60)
     assert (outside == "fail").mean() >= 0.8 and (outside == "pass").sum() == 0
+
+
+def test_exact_kl_counts_tokens_the_base_rules_out_as_zero():
+    """A base logit of -inf (p = 0): 0 log 0 = 0 whatever the checkpoint says; a NaN from the checkpoint stays NaN."""
+    from gate.runner.perplexity import _compare_exact
+
+    base = torch.tensor([[2.0, 1.0, -math.inf, 0.5], [0.1, 0.2, 0.3, 0.4]])
+    logp = torch.log_softmax(torch.tensor([[1.0, 1.5, 3.0, 0.0], [0.0, 0.0, 0.0, math.nan]]), dim=-1)
+    kl, match, top, base_top = _compare_exact(logp, base)
+    b = torch.log_softmax(base[0].double(), dim=-1)[:2].tolist() + [None, torch.log_softmax(base[0].double(), -1)[3].item()]
+    c = logp[0].double().tolist()
+    expected = sum(math.exp(bi) * (bi - ci) for bi, ci in zip(b, c) if bi is not None)
+    assert kl[0].item() == pytest.approx(expected, rel=1e-6)
+    assert math.isnan(kl[1].item())
+    assert base_top.tolist()[0] == 0 and top.tolist()[0] == 2 and not match[0]

@@ -419,7 +419,10 @@ def score_documents(
     if drift is not None:
         tap: dict = {}
         if drift.exact and drift.capturing:
-            hook = model.get_output_embeddings().register_forward_hook(partial(_tap, tap))
+            head = model.get_output_embeddings()
+            if head is None:
+                raise NotLinearHead()  # no output embedding to recompute the logits with
+            hook = head.register_forward_hook(partial(_tap, tap))
         forward = partial(_forward, drift=drift, reference=lambda w: _window_reference(drift, slots, w), tap=tap)
     try:
         used = run_batches(model, order, batch_size, device, pad_id, consume, forward)
@@ -695,8 +698,13 @@ def _compare_exact(logp: torch.Tensor, base_logits: torch.Tensor):
     del base_logits
     diff = lb - logp
     p = lb.exp_()  # lb is not needed any more: its memory holds p
-    # Terms where the base gives no probability (p = 0 underflow) are 0, whatever the checkpoint says.
-    kl = torch.where(p > 0, diff.mul_(p), 0.0).sum(dim=-1).double()
+    kl = torch.einsum("tv,tv->t", diff, p)  # row by row sum of p * diff, without a (tokens x vocabulary) product
+    redo = kl.isnan().nonzero().squeeze(1)
+    if len(redo):
+        # A base logit of -inf gives p = 0 and diff = -inf: 0 log 0 = 0, whatever the checkpoint says.
+        # A NaN from the checkpoint stays NaN (a failure, never averaged).
+        kl[redo] = torch.where(p[redo] > 0, diff[redo] * p[redo], 0.0).sum(dim=-1)
+    kl = kl.double()
     kl = kl.clamp_min(0.0)  # rounding can leave -1e-9 where the distributions agree; KL is never negative
     best = logp.max(dim=-1)
     match = logp.gather(1, base_top[:, None]).squeeze(1) >= best.values
