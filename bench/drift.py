@@ -163,20 +163,26 @@ def main() -> None:
     model = models[names[-1]]
     times: dict[str, list[float]] = {}
     for _ in range(args.repeats):  # interleaved, so that machine load hits every side alike
-        times.setdefault("checkpoint", []).append(timed(lambda: score(model), device))
-        times.setdefault("base", []).append(timed(lambda: score(base), device))
         for m in methods:
+            times.setdefault("checkpoint", []).append(timed(lambda: score(model), device))
             times.setdefault(f"checkpoint {label(m)}", []).append(timed(lambda: score(model, checkpoint_run(m, model)), device))
+            times.setdefault("base", []).append(timed(lambda: score(base), device))
             times.setdefault(f"base {label(m)}", []).append(timed(lambda: score(base, DriftRun(m)), device))
     best = {key: min(values) for key, values in times.items()}
     print(f"\ncost on {names[-1]} (fastest of {args.repeats} interleaved repeats; without drift: checkpoint "
           f"{best['checkpoint']:.2f} s, base {best['base']:.2f} s)")
+    median = lambda values: sorted(values)[len(values) // 2]  # noqa: E731
     for m in methods:
+        # Per repeat, each side against the plain pass run just before it: robust to load that changes between repeats.
+        j, n = methods.index(m), len(methods)
+        pairs = {side: [d / p for d, p in zip(times[f"{side} {label(m)}"], times[side][j::n])] for side in ("checkpoint", "base")}
         print(
             f"{label(m):<6} checkpoint with drift {best[f'checkpoint {label(m)}']:.2f} s: "
-            f"{best[f'checkpoint {label(m)}'] / best['checkpoint']:.2f}x (target <= 1.25x); "
-            f"base capturing {best[f'base {label(m)}']:.2f} s: {best[f'base {label(m)}'] / best['base']:.2f}x"
+            f"{best[f'checkpoint {label(m)}'] / best['checkpoint']:.2f}x (target <= 1.25x; median of per-repeat ratios "
+            f"{median(pairs['checkpoint']):.2f}x); base capturing {best[f'base {label(m)}']:.2f} s: "
+            f"{best[f'base {label(m)}'] / best['base']:.2f}x (median {median(pairs['base']):.2f}x)"
         )
+    print("all timings (s): " + "; ".join(f"{key} " + " ".join(f"{t:.2f}" for t in values) for key, values in times.items()))
 
     hidden = base.config.hidden_size
     print("\nstorage of the reference per scored token (per million scored tokens)")
