@@ -1,20 +1,21 @@
-"""Drift on a real model: the bucketed KL against the full-vocabulary KL, and what drift costs.
+"""Drift on a real model: gate's KL (exact, and top-k) against the full-vocabulary KL, and what drift costs.
 
-    python bench/drift.py                   # SmolLM2-135M-Instruct on wikitext-2 paragraphs (CPU here)
+    python bench/drift.py                   # SmolLM2-135M-Instruct on 10 wikitext-2 paragraphs (CPU here)
     python bench/drift.py --model tiny      # quick
-    python bench/drift.py --k 8 --k 32 --k 128
+    python bench/drift.py --k 8 --k 32 --k 128 --documents 30
 
-For each adapter (LoRA with random B at two strengths) it prints, side by side in one run:
+For each model that moved from the base (the base with bfloat16-rounded weights: noise over the whole
+vocabulary; LoRA adapters with random B at two strengths) it prints, side by side in one run:
 
-* the mean KL(base || checkpoint) per token over the vocabulary (independent: one document at a
-  time, float64 log-softmax of both models' full distributions), gate's (k+1)-bucket KL from the
-  stored top-k reference, and the relative error (full - bucketed) / full (target < 2% at k = 32);
-  top-1 agreement both ways (gate's must equal the independent count);
-  the base itself with its weights rounded to bfloat16 is the first row: what rounding alone does;
+* the mean KL(base || model) per token over the vocabulary, computed independently (one document at
+  a time, float64 log-softmax of both models' full distributions), gate's exact KL (the default:
+  the base's stored hidden states, its logits recomputed with its lm_head) and gate's (k+1)-bucket
+  KL from the stored top-k reference, each with its relative error (full - gate) / full
+  (target < 2% at the default); top-1 agreement (gate's must equal the independent count);
 * the cost of scoring a checkpoint with drift against scoring it without (target <= 1.25x), and of
-  scoring the base while capturing its reference against scoring it plainly (interleaved repeats,
-  the fastest of each kept);
-* storage of the reference per million scored tokens.
+  scoring the base while capturing its reference against scoring it plainly, for both methods
+  (interleaved repeats, the fastest of each kept);
+* storage of the reference per million scored tokens, for both methods.
 """
 
 from __future__ import annotations
@@ -83,46 +84,63 @@ def main() -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from gate.runner.perplexity import DriftRun, encode_suite, score_documents
+    from gate.runner.perplexity import DRIFT_EXACT, DriftRun, base_output_head, encode_suite, score_documents
     from gate.suites import load_suite
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2", help="smollm2, tiny, or a model folder")
-    parser.add_argument("--documents", type=int, default=40)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--k", type=int, action="append", help="top-k sizes (default 8, 32, 128)")
+    parser.add_argument("--documents", type=int, default=10)
+    parser.add_argument("--max-length", type=int, default=256, help="documents longer than this (in tokens) are left out")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--k", type=int, action="append", help="top-k sizes (default 32)")
+    parser.add_argument("--adapters", default="gentle", help="comma-separated: gentle, strong ('' for none)")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    ks = args.k or [8, 32, 128]
+    ks = args.k or [32]
+    methods = [DRIFT_EXACT, *ks]
+    label = lambda m: "exact" if m == DRIFT_EXACT else f"k={m}"  # noqa: E731
 
     path = {"smollm2": smollm2_base, "tiny": tiny_base}.get(args.model, lambda: Path(args.model))()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    texts = wikitext_documents(args.documents, 40, 250) or known_good_documents(args.documents)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    texts = wikitext_documents(4 * args.documents, 40, 180) or known_good_documents(4 * args.documents)
+    texts = [t for t in texts if len(tokenizer(t, add_special_tokens=False)["input_ids"]) < args.max_length][: args.documents]
     folder = CACHE / f"drift-{path.name}"
     folder.mkdir(parents=True, exist_ok=True)
     suite_file = folder / "docs.jsonl"
     suite_file.write_text("".join(json.dumps({"id": f"doc-{i}", "text": t}) + "\n" for i, t in enumerate(texts)))
-    tokenizer = AutoTokenizer.from_pretrained(path)
     docs = encode_suite(load_suite("bench", suite_file), tokenizer)
     n_tokens = sum(d.n_scored for d in docs)
     base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     score = lambda model, drift=None: score_documents(  # noqa: E731
-        model, docs, max_length=2048, stride=1024, batch_size=args.batch_size, device=device, pad_id=pad, drift=drift
+        model, docs, max_length=args.max_length, stride=args.max_length // 2, batch_size=args.batch_size,
+        device=device, pad_id=pad, drift=drift,
     )[0]
-    print(f"model: {path.name} ({base.config.vocab_size} tokens of vocabulary), {len(docs)} documents, {n_tokens} scored tokens")
+    lm_head = sum(p.numel() for p in base.get_output_embeddings().parameters())
+    params = sum(p.numel() for p in base.parameters())
+    print(
+        f"model: {path.name} ({base.config.vocab_size} tokens of vocabulary, hidden size {base.config.hidden_size}, "
+        f"lm_head {lm_head / params:.0%} of {params / 1e6:.0f}M parameters), {len(docs)} documents, {n_tokens} scored tokens"
+    )
     print(device_note())
 
     references = {}
-    for k in ks:
-        capture = DriftRun(k)
+    for m in methods:
+        capture = DriftRun(m)
         score(base, capture)
-        references[k] = capture.captured
-    print("\naccuracy of the bucketed KL (mean nats per token; relative error = (full - bucketed) / full)")
-    print(f"{'adapter':<10} {'full KL':>10} " + " ".join(f"{f'k={k}':>10} {'rel.err':>8}" for k in ks) + f" {'top1':>8}")
-    adapters = {}
-    worst_error = 0.0
-    for name in ["base-bf16", *STRENGTHS]:
+        references[m] = capture.captured
+
+    def checkpoint_run(m, model):
+        head = base_output_head(base) if m == DRIFT_EXACT else None  # the base's lm_head (base in memory here)
+        return DriftRun(m, reference=references[m], tokenizer=tokenizer, head=head)
+
+    print("\naccuracy (mean nats per token; relative error = (full - gate) / full)")
+    print(f"{'model':<10} {'full KL':>10} " + " ".join(f"{label(m):>10} {'rel.err':>8}" for m in methods) + f" {'top1':>8}")
+    names = ["base-bf16", *[a for a in args.adapters.split(",") if a]]
+    models = {}
+    errors = {m: 0.0 for m in methods}
+    for name in names:
         if name == "base-bf16":  # the base against itself with bf16-rounded weights: numerical noise
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(torch.bfloat16).float().to(device).eval()
         else:
@@ -130,37 +148,53 @@ def main() -> None:
             adapter = make_adapter(path, folder / f"adapter-{name}", std, tuple(t for t in targets if hasattr_module(base, t)))
             base_copy = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
             model = PeftModel.from_pretrained(base_copy, adapter).to(device).eval()
-        adapters[name] = model
+        models[name] = model
         total, agree, tokens = full_kl(base, model, docs, device)
         cells = []
-        for k in ks:
-            run = DriftRun(k, reference=references[k], tokenizer=tokenizer)
-            records = score(model, run)
-            bucketed = sum(r.kl_sum for r in records)
+        for m in methods:
+            records = score(model, checkpoint_run(m, model))
+            kl = sum(r.kl_sum for r in records)
             matches = sum(r.top1_matches for r in records)
-            assert matches == agree, f"top-1 agreement differs: gate {matches}, independent {agree}"
-            cells.append(f"{bucketed / tokens:>10.5f} {(total - bucketed) / total:>8.2%}")
-            if k == 32:
-                worst_error = max(worst_error, (total - bucketed) / total)
-        print(f"{name:<10} {total / tokens:>10.5f} " + " ".join(cells) + f" {agree / tokens:>8.1%}")
+            assert matches == agree, f"{label(m)}: top-1 agreement differs: gate {matches}, independent {agree}"
+            errors[m] = max(errors[m], abs(total - kl) / total)
+            cells.append(f"{kl / tokens:>10.6f} {(total - kl) / total:>8.3%}")
+        print(f"{name:<10} {total / tokens:>10.6f} " + " ".join(cells) + f" {agree / tokens:>8.1%}")
 
-    k = 32 if 32 in ks else ks[0]
-    model = adapters["gentle"]
-    plain_ckpt, drift_ckpt, plain_base, capture_base = [], [], [], []
-    for _ in range(args.repeats):  # interleaved, so that machine load hits both sides alike
-        plain_ckpt.append(timed(lambda: score(model), device))
-        drift_ckpt.append(timed(lambda: score(model, DriftRun(k, reference=references[k], tokenizer=tokenizer)), device))
-        plain_base.append(timed(lambda: score(base), device))
-        capture_base.append(timed(lambda: score(base, DriftRun(k)), device))
-    print(f"\ncost at k={k} (fastest of {args.repeats} interleaved repeats)")
-    print(f"checkpoint: {min(plain_ckpt):.2f} s without drift, {min(drift_ckpt):.2f} s with: {min(drift_ckpt) / min(plain_ckpt):.2f}x (target <= 1.25x)")
-    print(f"base:       {min(plain_base):.2f} s plain, {min(capture_base):.2f} s capturing the reference: {min(capture_base) / min(plain_base):.2f}x")
-    per_token = 8 * k + 8
-    print(f"\nstorage of the reference: {per_token} bytes per scored token = {per_token * 1e6 / 2**20:.0f} MiB per million scored tokens")
-    ratio = min(drift_ckpt) / min(plain_ckpt)
-    if 32 in ks:
-        print(f"RESULT accuracy: largest relative error at k=32 {worst_error:.2%} ({'met' if worst_error < 0.02 else 'NOT met'}: < 2%)")
-    print(f"RESULT cost: {ratio:.2f}x scoring with drift / without ({'met' if ratio <= 1.25 else 'NOT met'}: <= 1.25x)")
+    model = models[names[-1]]
+    times: dict[str, list[float]] = {}
+    for _ in range(args.repeats):  # interleaved, so that machine load hits every side alike
+        for m in methods:
+            times.setdefault("checkpoint", []).append(timed(lambda: score(model), device))
+            times.setdefault(f"checkpoint {label(m)}", []).append(timed(lambda: score(model, checkpoint_run(m, model)), device))
+            times.setdefault("base", []).append(timed(lambda: score(base), device))
+            times.setdefault(f"base {label(m)}", []).append(timed(lambda: score(base, DriftRun(m)), device))
+    best = {key: min(values) for key, values in times.items()}
+    print(f"\ncost on {names[-1]} (fastest of {args.repeats} interleaved repeats; without drift: checkpoint "
+          f"{best['checkpoint']:.2f} s, base {best['base']:.2f} s)")
+    median = lambda values: sorted(values)[len(values) // 2]  # noqa: E731
+    for m in methods:
+        # Per repeat, each side against the plain pass run just before it: robust to load that changes between repeats.
+        j, n = methods.index(m), len(methods)
+        pairs = {side: [d / p for d, p in zip(times[f"{side} {label(m)}"], times[side][j::n])] for side in ("checkpoint", "base")}
+        print(
+            f"{label(m):<6} checkpoint with drift {best[f'checkpoint {label(m)}']:.2f} s: "
+            f"{best[f'checkpoint {label(m)}'] / best['checkpoint']:.2f}x (target <= 1.25x; median of per-repeat ratios "
+            f"{median(pairs['checkpoint']):.2f}x); base capturing {best[f'base {label(m)}']:.2f} s: "
+            f"{best[f'base {label(m)}'] / best['base']:.2f}x (median {median(pairs['base']):.2f}x)"
+        )
+    print("all timings (s): " + "; ".join(f"{key} " + " ".join(f"{t:.2f}" for t in values) for key, values in times.items()))
+
+    hidden = base.config.hidden_size
+    print("\nstorage of the reference per scored token (per million scored tokens)")
+    print(f"exact  {4 * hidden} bytes float32 ({4 * hidden * 1e6 / 2**30:.2f} GiB), {2 * hidden} bytes bfloat16 ({2 * hidden * 1e6 / 2**30:.2f} GiB)")
+    for k in ks:
+        print(f"k={k:<4} {8 * k + 8} bytes ({(8 * k + 8) * 1e6 / 2**20:.0f} MiB)")
+    for m in methods:
+        ratio = best[f"checkpoint {label(m)}"] / best["checkpoint"]
+        print(
+            f"RESULT {label(m)}: largest relative error {errors[m]:.3%} ({'met' if errors[m] < 0.02 else 'NOT met'}: < 2%); "
+            f"cost {ratio:.2f}x ({'met' if ratio <= 1.25 else 'NOT met'}: <= 1.25x)"
+        )
 
 
 def hasattr_module(model, name: str) -> bool:

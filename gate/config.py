@@ -8,7 +8,7 @@
         path: data/style.jsonl           # relative to this file
         chat_template: true              # prompt/completion through the chat template
         limit: 500                       # optional: the first N documents
-        drift: true                      # KL to the base and top-1 agreement (drift_k: 32, the top-k size)
+        drift: true                      # KL to the base and top-1 agreement (exact; drift_k: 32: top-k, lighter)
       - name: arith
         type: lm_eval
         task: tasks/arith.yaml           # a registered lm-eval task, a task YAML or a folder
@@ -87,7 +87,7 @@ HIGHER_IS_BETTER = {"acc", "acc_norm", "exact_match", "f1", "mcc", "acc_mutual_i
 """lm-eval metrics whose direction is known when a results.json predates recorded higher_is_better."""
 GATE_KEYS = {"suite", "metric", "informational", "higher_is_better", "cluster", "min_items"}
 DRIFT_METRICS = ("kl", "top1")  # of perplexity suites with drift on; gated as floors (min/max) only
-DEFAULT_DRIFT_K = 32
+DEFAULT_DRIFT_K = 0  # drift: true alone: the exact method (gate.runner.perplexity.DRIFT_EXACT); drift_k: N: top-N
 DEFAULT_MAX_INCREASE = 0.05
 SUITE_KEYS = {
     "name", "type", "path", "task", "num_fewshot", "limit", "metric", "chat_template",
@@ -141,8 +141,8 @@ class SuiteSpec:
     line: int | None = None
     """Line of this entry in gate.yaml (for messages); None for defaults."""
     drift_k: int | None = None
-    """perplexity: measure drift from the base (KL, top-1 agreement) with a top-k reference of this
-    size; None: off (``drift: true`` here or at the top of gate.yaml turns it on, default k 32)."""
+    """perplexity: measure drift from the base (KL, top-1 agreement). None: off; 0: the exact method
+    (``drift: true`` here or at the top of gate.yaml); k >= 1 (``drift_k: k``): the top-k method."""
 
     @property
     def use_chat_template(self) -> bool:
@@ -428,7 +428,7 @@ def _suite(entry: dict, i: int, folder: Path, problems: list[str]) -> SuiteSpec 
 
 
 def _drift_k(drift: bool | None, k: int | None, where: str, problems: list[str]) -> int | None:
-    """A suite's drift setting: None (off), or the top-k size; drift_k alone turns drift on."""
+    """A suite's drift setting: None (off), 0 (exact), or the top-k size; drift_k alone turns drift on."""
     if k is not None and k < 1:
         problems.append(f"{where}drift_k: must be at least 1 (the size of the base's top-k reference), not {k}")
         return None
@@ -450,7 +450,7 @@ def _drift(raw: dict, suites: list[SuiteSpec], problems: list[str]) -> None:
     off = {e.get("name") for e in entries if isinstance(e, dict) and e.get("drift") is False}
     for spec in suites:
         if spec.type == "perplexity" and spec.drift_k is None and spec.name not in off:
-            spec.drift_k = k or DEFAULT_DRIFT_K
+            spec.drift_k = k if k is not None else DEFAULT_DRIFT_K
 
 
 def _file(entry: dict, key: str, name: str, where: str, folder: Path, problems: list[str], what: str) -> str:

@@ -83,7 +83,8 @@ class Drift:
     """How far a checkpoint's next-token distributions moved from the base's on one suite."""
 
     k: int
-    """Size of the base's top-k reference (KL is over k+1 buckets: a lower bound of the full KL)."""
+    """0: the exact method (KL over the whole vocabulary); k >= 1: size of the base's top-k reference (KL
+    over k+1 buckets: a lower bound of the full KL)."""
     kl_p99: float
     """99th percentile over scored tokens of the per-token KL (numpy's linear interpolation)."""
 
@@ -314,7 +315,8 @@ class SuiteInfo:
     overlap: list[Overlap] = field(default_factory=list)
     """Contamination check against each training file (gate.yaml ``contamination:``); empty: not checked."""
     drift_k: int | None = None
-    """perplexity: top-k size of the base's drift reference when drift is on (gate.yaml ``drift``); None: off."""
+    """perplexity: drift's method when drift is on (gate.yaml ``drift``): 0 exact (full vocabulary), k >= 1 the
+    top-k size of the base's reference; None: off."""
 
     @classmethod
     def from_json(cls, obj: dict) -> SuiteInfo:

@@ -10,10 +10,13 @@ What the model said (generate suites, lm-eval generation tasks) is kept verbatim
 ``item_outputs``, one row per item that has an output, beside the item's numbers in
 ``item_scores``; stores made before this table existed simply have no outputs.
 
-Drift suites add three tables, written in the same transaction as the score they belong to:
-``drift_references`` (the base's top-k log-probabilities, token ids and rest mass per scored token,
-as little-endian float32 / int32 / float64 blobs, one row per document: 8k + 8 bytes per scored
-token, 264 MB per million tokens at k = 32), ``drift_scores`` (a checkpoint's k, kl_p99 and the key
+Drift suites add four tables, written in the same transaction as the score they belong to:
+``drift_hidden`` (the exact method: the base's final hidden state per scored token, in the compute
+dtype, one row per document: hidden size x 4 bytes per token in float32, x 2 in bfloat16; SmolLM2-135M:
+2.2 GB per million tokens in float32), ``drift_references`` (the top-k method: the base's top-k
+log-probabilities, token ids and rest mass per scored token, as little-endian float32 / int32 /
+float64 blobs, one row per document: 8k + 8 bytes per scored token, 264 MB per million tokens at
+k = 32), ``drift_scores`` (a checkpoint's k, kl_p99 and the key
 of the base score it was compared with) and ``document_drift`` (per document: kl_sum,
 top1_matches and the most drifted tokens as JSON).
 """
@@ -32,7 +35,7 @@ from gate.hashing import sha256_json
 from gate.results import DocumentScore, Drift, DriftToken, ItemScore, SuiteScore, TaskScore
 
 STORE_NAME = "gate.sqlite"
-STORE_SCHEMA = 3
+STORE_SCHEMA = 4
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -70,6 +73,14 @@ CREATE TABLE IF NOT EXISTS drift_references (
     logprobs BLOB NOT NULL,
     indices BLOB NOT NULL,
     rest BLOB NOT NULL,
+    PRIMARY KEY (score_key, position)
+);
+CREATE TABLE IF NOT EXISTS drift_hidden (
+    score_key TEXT NOT NULL REFERENCES suite_scores(key) ON DELETE CASCADE,
+    position INTEGER NOT NULL,
+    dtype TEXT NOT NULL,
+    width INTEGER NOT NULL,
+    hidden BLOB NOT NULL,
     PRIMARY KEY (score_key, position)
 );
 CREATE TABLE IF NOT EXISTS drift_scores (
@@ -165,6 +176,18 @@ class StoredReference:
 
 
 @dataclass
+class StoredHidden:
+    """One document's exact drift reference as stored: the base's final hidden state at each scored token."""
+
+    dtype: str
+    """torch dtype name of the values (the compute dtype): "float32", "bfloat16", "float16"."""
+    width: int
+    """Hidden size (values per token)."""
+    hidden: bytes
+    """(tokens, width) values, in the machine's byte order (little-endian everywhere gate runs)."""
+
+
+@dataclass
 class ScoreProvenance:
     """How a stored score was computed (kept for the report; not part of the key)."""
 
@@ -215,8 +238,8 @@ class ResultsStore:
         row = self._conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
         if row is None:
             self._conn.execute("INSERT INTO meta VALUES ('schema', ?)", (str(STORE_SCHEMA),))
-        elif row[0] == "2":
-            # 2 -> 3 only added the drift tables (created above): every stored score stays valid.
+        elif row[0] in ("2", "3"):
+            # 2 -> 3 added the drift tables, 3 -> 4 drift_hidden (created above): every stored score stays valid.
             self._conn.execute("UPDATE meta SET value=? WHERE key='schema'", (str(STORE_SCHEMA),))
         elif row[0] != str(STORE_SCHEMA):
             raise RunFailure(
@@ -287,19 +310,24 @@ class ResultsStore:
         score.libraries = self._versions("suite_scores", key)
         return score
 
-    def get_reference(self, key: str) -> list[StoredReference] | None:
+    def get_reference(self, key: str) -> list[StoredReference] | list[StoredHidden] | None:
         """The drift reference stored with the base's score under this key (per document), or None."""
         rows = self._conn.execute(
             "SELECT k, logprobs, indices, rest FROM drift_references WHERE score_key=? ORDER BY position", (key,)
         ).fetchall()
-        return [StoredReference(*r) for r in rows] or None
+        if rows:
+            return [StoredReference(*r) for r in rows]
+        rows = self._conn.execute(
+            "SELECT dtype, width, hidden FROM drift_hidden WHERE score_key=? ORDER BY position", (key,)
+        ).fetchall()
+        return [StoredHidden(*r) for r in rows] or None
 
     def put(
         self,
         identity: ScoreIdentity,
         score: SuiteScore,
         provenance: ScoreProvenance,
-        reference: list[StoredReference] | None = None,
+        reference: list[StoredReference] | list[StoredHidden] | None = None,
         reference_key: str | None = None,
     ) -> None:
         """Store one complete (model, perplexity suite) score in a single transaction.
@@ -309,7 +337,9 @@ class ResultsStore:
         """
         key = identity.key
         extra = []
-        if reference is not None:
+        if reference is not None and all(isinstance(r, StoredHidden) for r in reference):
+            extra.append(("drift_hidden", [(key, i, r.dtype, r.width, r.hidden) for i, r in enumerate(reference)]))
+        elif reference is not None:
             extra.append(("drift_references", [(key, i, r.k, r.logprobs, r.indices, r.rest) for i, r in enumerate(reference)]))
         if score.drift is not None:
             extra.append(("drift_scores", [(key, score.drift.k, score.drift.kl_p99, reference_key or "")]))
@@ -399,7 +429,7 @@ class ResultsStore:
 
     _TABLES = (("suite_scores", "document_scores"), ("task_scores", "item_scores"))
     _DETAILS = {
-        "suite_scores": ("document_scores", "drift_references", "drift_scores", "document_drift"),
+        "suite_scores": ("document_scores", "drift_references", "drift_hidden", "drift_scores", "document_drift"),
         "task_scores": ("item_scores", "item_outputs"),
     }
 

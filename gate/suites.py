@@ -117,7 +117,7 @@ def load_suite(
 ) -> Suite:
     """Read and validate a JSONL suite. Raises SuiteError listing every bad line at once.
 
-    ``drift_k``: also measure each checkpoint's drift from the base, with a top-k reference of this size.
+    ``drift_k``: also measure each checkpoint's drift from the base: 0 the exact method, k >= 1 a top-k reference of this size.
     """
     path = Path(path)
     raw, documents = read_jsonl_items(
@@ -133,7 +133,7 @@ def load_suite(
         documents = documents[:limit]
         options["limit"] = limit
     if drift_k is not None:
-        options["drift_k"] = drift_k  # the base's stored top-k depends on it: part of the identity
+        options["drift_k"] = drift_k  # the base's stored reference depends on it (method, k): part of the identity
     return Suite(
         name=name,
         path=str(path.resolve()),

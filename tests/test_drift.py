@@ -16,7 +16,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from conftest import CONTEXT
 from gate.cli import main
 from gate.errors import RunFailure
-from gate.runner.perplexity import DriftRun, encode_suite, score_documents
+from gate.runner.perplexity import (
+    DRIFT_EXACT,
+    DriftRun,
+    NotLinearHead,
+    base_output_head,
+    encode_suite,
+    output_head_from_files,
+    score_documents,
+)
 from gate.suites import load_suite
 
 
@@ -43,10 +51,12 @@ def score(model, docs, drift, batch_size=4, max_length=CONTEXT):
     )[0]
 
 
-def drift_of(base_model, model, docs, k, tokenizer=None, **kw):
+def drift_of(base_model, model, docs, k, tokenizer=None, head=None, **kw):
     capture = DriftRun(k)
     score(base_model, docs, capture, **kw)
-    run = DriftRun(k, reference=capture.captured, tokenizer=tokenizer)
+    if k == DRIFT_EXACT and head is None:
+        head = base_output_head(model)  # an adapter on (its own copy of) the base
+    run = DriftRun(k, reference=capture.captured, tokenizer=tokenizer, head=head)
     return score(model, docs, run, **kw), run, capture
 
 
@@ -166,6 +176,152 @@ def test_non_finite_log_probabilities_fail_instead_of_being_averaged(world, base
         score(broken, docs, DriftRun(8, reference=capture.captured, tokenizer=tokenizer))
 
 
+# --- the exact method: the base's hidden states, the full vocabulary -----------------------------
+
+
+def assert_exact(base_model, model, docs, records, run, rel=1e-4):
+    """gate's per-token KL, kl_sum and top-1 counts against the float64 full-vocabulary computation.
+
+    The floor is float32's: the base's logits recomputed for a few rows differ from its own pass over
+    the whole batch by ~1e-6 (another matmul blocking), which moves a token's KL by up to ~5e-7 nats.
+    """
+    total = gate_total = 0.0
+    for doc, record, token_kl in zip(docs, records, run.token_kl):
+        full, _, agree = independent(base_model, model, doc, 1)
+        assert token_kl == pytest.approx(full, rel=rel, abs=1e-6)
+        assert record.kl_sum == pytest.approx(full.sum(), rel=rel, abs=1e-6)
+        assert record.top1_matches == agree.sum()
+        total += full.sum()
+        gate_total += record.kl_sum
+    assert gate_total == pytest.approx(total, rel=rel / 10)
+    return total / sum(d.n_scored for d in docs)
+
+
+def test_exact_kl_is_the_full_kl_for_a_trained_adapter(world, base_model, tuned, tokenizer):
+    docs = encode_suite(load_suite("text", world.suites / "text.jsonl"), tokenizer)
+    records, run, capture = drift_of(base_model, tuned, docs, DRIFT_EXACT, tokenizer)
+    assert capture.captured[0].hidden.dtype == torch.float32
+    assert capture.captured[0].hidden.shape == (docs[0].n_scored, base_model.config.hidden_size)
+    assert assert_exact(base_model, tuned, docs, records, run) > 0.01  # the fine-tune did move
+    # Where top-k's buckets miss mass, the exact KL is the larger: top-4's lower bound is well below it.
+    bucketed, _, _ = drift_of(base_model, tuned, docs, 4, tokenizer)
+    assert sum(r.kl_sum for r in bucketed) < 0.95 * sum(r.kl_sum for r in records)
+
+
+def test_exact_kl_over_windows_and_batches_in_another_order(world, base_model, tuned, tokenizer):
+    docs = encode_suite(load_suite("long", world.suites / "long.jsonl"), tokenizer)[:1]
+    records, run, _ = drift_of(base_model, tuned, docs, DRIFT_EXACT, tokenizer, batch_size=3)
+    from gate.runner.perplexity import make_windows
+
+    expected = []
+    for w in make_windows(docs, CONTEXT, CONTEXT // 2):
+        lb, lc = full_distributions(base_model, w.input_ids), full_distributions(tuned, w.input_ids)
+        expected += [float(np.sum(np.exp(lb[p - 1]) * (lb[p - 1] - lc[p - 1]))) for p, s in enumerate(w.scored) if s]
+    assert run.token_kl[0] == pytest.approx(np.array(expected), rel=1e-4, abs=1e-6)
+    assert run.token_kl[0].sum() == pytest.approx(sum(expected), rel=1e-5)
+    worst = records[0].drifted[0]
+    assert worst.kl == pytest.approx(max(expected), rel=1e-4)
+
+
+def noisy_adapter(world, tmp_path, **lora):
+    """A LoRA adapter with random A and B (noise over the whole vocabulary), attached to a fresh base."""
+    from gate.train.tiny import save_adapter
+
+    path = save_adapter(world.base, tmp_path / "noisy", seed=3, **lora)
+    base = AutoModelForCausalLM.from_pretrained(world.base, dtype=torch.float32)
+    return PeftModel.from_pretrained(base, path).eval()
+
+
+@pytest.mark.parametrize(
+    "lora",
+    [
+        {"target_modules": ["q_proj", "v_proj", "down_proj"]},
+        {"target_modules": ["q_proj", "lm_head"]},  # LoRA on lm_head: the base's weights are its base_layer
+        {"target_modules": ["q_proj"], "modules_to_save": ["lm_head"]},  # a trained copy of lm_head
+    ],
+    ids=["noise", "lora-lm_head", "modules_to_save-lm_head"],
+)
+def test_exact_kl_for_noise_like_adapters_and_a_retrained_lm_head(world, base_model, tokenizer, tmp_path, lora):
+    model = noisy_adapter(world, tmp_path, **lora)
+    if "modules_to_save" in lora:
+        with torch.no_grad():  # the adapter's own copy of lm_head moves; the base's must not be used for it
+            copy = model.base_model.model.lm_head.modules_to_save["default"]
+            copy.weight.add_(0.05 * torch.randn_like(copy.weight))
+    head = base_output_head(model)
+    assert torch.equal(head.weight, base_model.lm_head.weight)  # the base's own, not the adapter's
+    docs = encode_suite(load_suite("text", world.suites / "text.jsonl"), tokenizer)
+    records, run, _ = drift_of(base_model, model, docs, DRIFT_EXACT, tokenizer, head=head)
+    assert assert_exact(base_model, model, docs, records, run) > 1e-3
+
+
+def test_exact_kl_of_a_full_checkpoint_with_rounded_weights(world, base_model, tokenizer, tmp_path):
+    """Rounded weights (noise spread over the vocabulary: 8-bit floats, as bfloat16 is to SmolLM2 but
+    strong enough to move the tiny model), a full checkpoint: the base's lm_head is read from the
+    base's safetensors, the base itself not in memory."""
+    rounded = AutoModelForCausalLM.from_pretrained(world.base, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for param in rounded.parameters():
+            param.copy_(param.to(torch.float8_e4m3fn).float())
+    head = output_head_from_files(world.base, torch.float32, torch.device("cpu"))
+    assert torch.equal(head.weight, base_model.lm_head.weight) and head.bias is None
+    docs = encode_suite(load_suite("text", world.suites / "text.jsonl"), tokenizer)
+    records, run, _ = drift_of(base_model, rounded, docs, DRIFT_EXACT, tokenizer, head=head)
+    assert assert_exact(base_model, rounded, docs, records, run) > 1e-3
+    # Noise over the whole vocabulary is what top-k misses: its bound falls short (by 5% at 32 of 512 tokens).
+    bucketed, _, _ = drift_of(base_model, rounded, docs, 32, tokenizer)
+    assert sum(r.kl_sum for r in bucketed) < 0.99 * sum(r.kl_sum for r in records)
+
+
+def test_output_head_from_files_with_tied_embeddings(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "tied")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "tied", dtype=torch.float32)
+    head = output_head_from_files(tmp_path / "tied", torch.bfloat16, torch.device("cpu"))
+    assert head.weight.dtype == torch.bfloat16
+    assert torch.equal(head.weight, model.get_input_embeddings().weight.to(torch.bfloat16))
+
+
+def test_exact_drift_of_an_untrained_adapter_is_zero(world, base_model, tokenizer):
+    base = AutoModelForCausalLM.from_pretrained(world.base, dtype=torch.float32)
+    untrained = PeftModel.from_pretrained(base, world.checkpoints / "untrained").eval()
+    docs = encode_suite(load_suite("long", world.suites / "long.jsonl"), tokenizer)
+    records, run, _ = drift_of(base_model, untrained, docs, DRIFT_EXACT, tokenizer, batch_size=1)
+    for doc, record, kl in zip(docs, records, run.token_kl):
+        assert np.all(kl <= 1e-6)  # the same logits up to the matmul's rounding
+        assert record.top1_matches == doc.n_scored
+
+
+def test_exact_capture_refuses_logits_that_are_not_lm_head(world, tokenizer):
+    """Gemma 2 soft-caps its final logits: they are not lm_head(h), so the exact method cannot recompute them."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    config = Gemma2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=16, final_logit_softcapping=5.0)
+    torch.manual_seed(0)
+    model = Gemma2ForCausalLM(config).eval()
+    docs = encode_suite(load_suite("text", world.suites / "text.jsonl"), tokenizer)
+    with pytest.raises(NotLinearHead):
+        score(model, docs, DriftRun(DRIFT_EXACT))
+    score(model, docs, DriftRun(8))  # top-k works on the model's own logits
+    config.final_logit_softcapping = None
+    score(Gemma2ForCausalLM(config).eval(), docs, DriftRun(DRIFT_EXACT))  # without soft-capping: accepted
+
+
+def test_exact_non_finite_log_probabilities_fail(world, base_model, tokenizer):
+    docs = encode_suite(load_suite("text", world.suites / "text.jsonl"), tokenizer)
+    capture = DriftRun(DRIFT_EXACT)
+    score(base_model, docs, capture)
+    broken = AutoModelForCausalLM.from_pretrained(world.base, dtype=torch.float32).eval()
+    with torch.no_grad():
+        broken.lm_head.weight[3].fill_(math.inf)
+    with pytest.raises(RunFailure, match="non-finite"):
+        score(broken, docs, DriftRun(DRIFT_EXACT, reference=capture.captured, head=base_output_head(base_model)))
+
+
 # --- through `gate run` and `gate check` ---------------------------------------------------------
 
 
@@ -272,6 +428,76 @@ def test_rerun_reuses_drift_and_the_key_names_the_base_score(drift_run, world):
     references = conn.execute("SELECT k, length(logprobs), length(indices), length(rest) FROM drift_references").fetchall()
     for k, lp, ix, rest in references:
         assert (k, lp, ix) == (16, rest // 8 * 16 * 4, rest // 8 * 16 * 4)
+
+
+@pytest.fixture(scope="module")
+def exact_run(world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("exact-run")
+    config = write_config(world, out / "gate.yaml", extra="drift: true\n")
+    result = run_gate("run", world.checkpoints, "--config", config, "--out", out / "reports")
+    return out, config, result
+
+
+def test_run_with_drift_true_is_exact(exact_run, world, base_model, tuned, tokenizer):
+    out, _, result = exact_run
+    assert result.exit_code in (0, 1), result.output
+    results = json.loads((out / "reports/results.json").read_text())
+    assert {s["name"]: s["drift_k"] for s in results["suites"]} == {"text": 0, "long": 0}
+    by_name = {c["name"]: c for c in results["checkpoints"]}
+    untrained = by_name["untrained"]["scores"]["text"]
+    assert untrained["kl"] <= 1e-6 and untrained["top1"] == 1.0
+    trained = by_name["run-a/checkpoint-4"]["scores"]["text"]
+    docs = encode_suite(load_suite("text", world.suites / "text.jsonl"), tokenizer)
+    expected = [independent(base_model, tuned, d, 1) for d in docs]
+    tokens = sum(d.n_scored for d in docs)
+    assert trained["kl"] == pytest.approx(sum(e[0].sum() for e in expected) / tokens, rel=1e-5)
+    assert trained["top1"] == pytest.approx(sum(e[2].sum() for e in expected) / tokens)
+    per_token = np.concatenate([e[0] for e in expected])
+    assert trained["drift"] == {"k": 0, "kl_p99": pytest.approx(float(np.percentile(per_token, 99)), rel=1e-4)}
+    for doc, e in zip(trained["documents"], expected):  # per-document sums: what the bootstrap resamples
+        assert doc["kl_sum"] == pytest.approx(e[0].sum(), rel=1e-4, abs=1e-6)
+        assert doc["top1_matches"] == e[2].sum()
+    html = (out / "reports/report.html").read_text()
+    assert "drift exact" in html
+
+
+def test_exact_rerun_reuses_the_hidden_states_and_scores(exact_run, world, drift_run):
+    import sqlite3
+
+    out, config, _ = exact_run
+    store = out / "reports/gate.sqlite"
+    before = sqlite3.connect(store).execute("SELECT key, created_at FROM suite_scores ORDER BY key").fetchall()
+    again = run_gate("run", world.checkpoints, "--config", config, "--out", out / "reports")
+    assert again.exit_code in (0, 1)
+    conn = sqlite3.connect(store)
+    assert conn.execute("SELECT key, created_at FROM suite_scores ORDER BY key").fetchall() == before  # nothing rescored
+    width = AutoModelForCausalLM.from_pretrained(world.base).config.hidden_size
+    hidden = conn.execute(
+        "SELECT h.dtype, h.width, length(h.hidden), d.tokens FROM drift_hidden h JOIN document_scores d "
+        "ON d.score_key = h.score_key AND d.position = h.position"
+    ).fetchall()
+    assert len(hidden) == conn.execute("SELECT COUNT(*) FROM drift_hidden").fetchone()[0] > 0
+    assert all((dtype, w, size) == ("float32", width, tokens * 4 * width) for dtype, w, size, tokens in hidden)
+    assert conn.execute("SELECT COUNT(*) FROM drift_references").fetchone() == (0,)
+    base_keys = {r[0] for r in conn.execute("SELECT DISTINCT score_key FROM drift_hidden")}
+    refs = [json.loads(r[0])["settings"].get("drift_reference") for r in conn.execute("SELECT identity_json FROM suite_scores")]
+    assert len(base_keys) == 2 and set(filter(None, refs)) == base_keys  # each checkpoint's drift names the base score
+    # The method is part of the key: the top-k run (drift_k 16) has other base scores for suite text.
+    topk = sqlite3.connect(drift_run[0] / "reports/gate.sqlite")
+    assert not {r[0] for r in topk.execute("SELECT score_key FROM drift_references")} & base_keys
+
+
+def test_exact_drift_refuses_a_base_with_soft_capped_logits(world, tmp_path):
+    base = tmp_path / "capped"
+    shutil.copytree(world.base, base)
+    config_json = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config_json, "final_logit_softcapping": 30.0}))
+    config = tmp_path / "gate.yaml"
+    config.write_text(f"base: {base}\ndrift: true\nsuites:\n  - {{name: text, path: {world.suites / 'text.jsonl'}}}\n")
+    result = run_gate("run", world.checkpoints, "--config", config, "--out", tmp_path / "out")
+    assert result.exit_code == 2, result.output
+    assert "suite 'text': exact drift recomputes the base's logits as lm_head(hidden state)" in result.output
+    assert "its config.json sets final_logit_softcapping" in result.output and "set `drift_k: 32`" in result.output
 
 
 def test_drift_gate_on_a_suite_without_drift_is_bad_input(world, tmp_path):
@@ -414,3 +640,18 @@ def test_simulation_drift_well_inside_the_limit_passes_and_well_outside_fails(me
     assert (inside == "pass").mean() >= 0.8 and (inside == "fail").sum() == 0
     outside = _simulate(metric, limit, 2 * limit - truth, reps=60)
     assert (outside == "fail").mean() >= 0.8 and (outside == "pass").sum() == 0
+
+
+def test_exact_kl_counts_tokens_the_base_rules_out_as_zero():
+    """A base logit of -inf (p = 0): 0 log 0 = 0 whatever the checkpoint says; a NaN from the checkpoint stays NaN."""
+    from gate.runner.perplexity import _compare_exact
+
+    base = torch.tensor([[2.0, 1.0, -math.inf, 0.5], [0.1, 0.2, 0.3, 0.4]])
+    logp = torch.log_softmax(torch.tensor([[1.0, 1.5, 3.0, 0.0], [0.0, 0.0, 0.0, math.nan]]), dim=-1)
+    kl, match, top, base_top = _compare_exact(logp, base)
+    b = torch.log_softmax(base[0].double(), dim=-1)[:2].tolist() + [None, torch.log_softmax(base[0].double(), -1)[3].item()]
+    c = logp[0].double().tolist()
+    expected = sum(math.exp(bi) * (bi - ci) for bi, ci in zip(b, c) if bi is not None)
+    assert kl[0].item() == pytest.approx(expected, rel=1e-6)
+    assert math.isnan(kl[1].item())
+    assert base_top.tolist()[0] == 0 and top.tolist()[0] == 2 and not match[0]

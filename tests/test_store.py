@@ -9,7 +9,7 @@ import pytest
 
 from gate.errors import RunFailure
 from gate.results import DocumentScore, Drift, DriftToken, SuiteScore
-from gate.store import STORE_SCHEMA, ResultsStore, ScoreIdentity, ScoreProvenance, StoredReference
+from gate.store import STORE_SCHEMA, ResultsStore, ScoreIdentity, ScoreProvenance, StoredHidden, StoredReference
 
 PROVENANCE = ScoreProvenance(device="cpu", batch_size=8, seconds=0.1, gate_version="0")
 
@@ -145,3 +145,35 @@ def test_store_of_schema_2_gains_the_drift_tables_and_keeps_its_scores(tmp_path)
         store.put(identity(model_hash="m2"), drift_score(), PROVENANCE)
         assert store.get(identity(model_hash="m2").key) == drift_score()
     assert sqlite3.connect(path).execute("SELECT value FROM meta WHERE key='schema'").fetchone() == (str(STORE_SCHEMA),)
+
+
+def test_exact_references_round_trip_and_travel_with_export(tmp_path):
+    hidden = [StoredHidden("bfloat16", 3, bytes(range(6 * (i + 1)))) for i in range(2)]
+    with ResultsStore(tmp_path / "a.sqlite") as store:
+        store.put(identity(model_hash="base"), score(), PROVENANCE, reference=hidden)
+        assert store.get_reference(identity(model_hash="base").key) == hidden
+        dump = store.export(store.keys())
+    with ResultsStore(tmp_path / "b.sqlite") as other:
+        other.import_rows(dump)
+        assert other.get_reference(identity(model_hash="base").key) == hidden
+        other.put(identity(model_hash="base"), score(), PROVENANCE)  # rewritten without: the hidden rows go
+        assert other.get_reference(identity(model_hash="base").key) is None
+
+
+def test_store_of_schema_3_gains_drift_hidden_and_keeps_its_drift(tmp_path):
+    path = tmp_path / "gate.sqlite"
+    reference = [StoredReference(4, bytes(16) * 2, bytes(16) * 2, bytes(8) * 2) for _ in range(3)]
+    with ResultsStore(path) as store:
+        store.put(identity(model_hash="base"), score(), PROVENANCE, reference=reference)
+        store.put(identity(), drift_score(), PROVENANCE, reference_key=identity(model_hash="base").key)
+    conn = sqlite3.connect(path)
+    conn.execute("DROP TABLE drift_hidden")
+    conn.execute("UPDATE meta SET value='3' WHERE key='schema'")
+    conn.commit()
+    conn.close()
+    with ResultsStore(path) as store:
+        assert store.get(identity().key) == drift_score()
+        assert store.get_reference(identity(model_hash="base").key) == reference
+        store.put(identity(model_hash="m2"), score(), PROVENANCE, reference=[StoredHidden("float32", 1, bytes(4))])
+        assert store.get_reference(identity(model_hash="m2").key) == [StoredHidden("float32", 1, bytes(4))]
+    assert sqlite3.connect(path).execute("SELECT value FROM meta WHERE key='schema'").fetchone() == ("4",)

@@ -505,7 +505,7 @@ def _provenance(results: Results, verdict: Verdict) -> list[tuple[str, str]]:
         if suite.limit is not None:
             detail += f", limit {suite.limit}"
         if suite.drift_k is not None:
-            detail += f", drift top-{suite.drift_k}"
+            detail += f", drift top-{suite.drift_k}" if suite.drift_k else ", drift exact"
         rows.append((f"suite {suite.name}", detail))
     return rows
 

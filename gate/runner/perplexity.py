@@ -18,8 +18,24 @@ Conventions (part of SCORING_VERSION; changing them changes the store keys):
 Per document: nll = -sum over scored tokens t of log p(x_t | x_<t), in nats, accumulated in
 float64 from float32 log-softmax (logits are upcast: bf16 log-probabilities lose ~3 digits).
 
-Drift (a suite with ``drift: true``), in the same forward pass. When the base is scored, each scored
-token keeps the base's top-k log-probabilities b_1..b_k (float32, descending), their token ids and
+Drift (a suite with ``drift: true``), in the same forward pass, by one of two methods.
+
+Exact (the default, ``drift_k`` unset, DRIFT_EXACT internally). When the base is scored, each scored
+token keeps the base's final hidden state h_t: the input of its output embedding (lm_head), captured
+by a forward hook in the model's compute dtype, so nothing is rounded (float32 on CPU, bfloat16 on a
+GPU run in bfloat16). A checkpoint's pass recomputes the base's logits W h_t (+ bias) with the
+BASE's output-embedding weights W (an adapter's base module, which peft leaves untouched; for a
+full-weight checkpoint, the tensor read from the base's safetensors): one matmul per scored token,
+the same as the base's own lm_head. Then, per scored token, over the whole vocabulary,
+
+    KL_t = sum_v p_v (log p_v - log q_v)        p = softmax(W h_t), q = the checkpoint's distribution
+
+in float32 (sums of float32 terms, returned as float64), and top-1 agreement as below with the
+base's top id = argmax_v W h_t. It needs the model's logits to BE lm_head(h): models with final
+logit soft-capping (Gemma 2) or logit scaling (Cohere, Granite) are refused (exit 2, use the top-k
+method); the base's first batch checks it. Storage: hidden size x bytes per scored token.
+
+Top-k (``drift_k: k`` given explicitly). When the base is scored, each scored token keeps the base's top-k log-probabilities b_1..b_k (float32, descending), their token ids and
 the rest mass p_r = 1 - sum_i exp(b_i) (float64): the *drift reference*. A checkpoint's pass reads its
 own log-probabilities c_i at those ids and its rest mass q_r = 1 - sum_i exp(c_i), and computes
 
@@ -46,9 +62,16 @@ import torch
 
 from gate.errors import RunFailure, SuiteError
 from gate.results import DocumentScore, DriftToken
+from gate.store import StoredHidden, StoredReference
 from gate.suites import Document, Suite
 
 SCORING_VERSION = "ppl-1"
+
+DRIFT_EXACT = 0
+"""A suite's drift_k that selects the exact method (the base's hidden states, full-vocabulary KL)."""
+
+SOFTCAP_KEYS = ("final_logit_softcapping", "logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+"""config.json keys of models whose logits are not lm_head(hidden): the exact method refuses them."""
 
 
 @dataclass
@@ -191,14 +214,115 @@ _ROWS_PER_CHUNK = 1 << 26  # logits elements per chunk of the drift computation 
 
 @dataclass
 class DriftReference:
-    """The base's top-k next-token distribution at each scored token of one document, in order."""
+    """The base at each scored token of one document, in order: its top-k, or (exact) its hidden state."""
 
-    logprobs: np.ndarray
-    """(tokens, k) float32: the base's k largest log-probabilities, descending."""
-    indices: np.ndarray
-    """(tokens, k) int32: their token ids."""
-    rest: np.ndarray
-    """(tokens,) float64: the base's probability mass outside its top k."""
+    logprobs: np.ndarray | None = None
+    """Top-k: (tokens, k) float32: the base's k largest log-probabilities, descending."""
+    indices: np.ndarray | None = None
+    """Top-k: (tokens, k) int32: their token ids."""
+    rest: np.ndarray | None = None
+    """Top-k: (tokens,) float64: the base's probability mass outside its top k."""
+    hidden: torch.Tensor | None = None
+    """Exact: (tokens, hidden size) the base's final hidden state (lm_head's input), compute dtype, on CPU."""
+
+    @property
+    def tokens(self) -> int:
+        return int(self.hidden.shape[0] if self.hidden is not None else self.logprobs.shape[0])
+
+
+@dataclass
+class OutputHead:
+    """The base's output embedding (lm_head): logits = hidden @ weight.T + bias."""
+
+    weight: torch.Tensor
+    """(vocabulary, hidden size), in the compute dtype, on the scoring device."""
+    bias: torch.Tensor | None = None
+    """(vocabulary,) or None (almost every causal LM has none)."""
+
+
+def base_output_head(model) -> OutputHead:
+    """The BASE's output embedding inside ``model`` (the base, or the base with an adapter attached).
+
+    peft wraps a targeted lm_head (LoRA: ``base_layer``; ``modules_to_save``: ``original_module``)
+    and leaves the wrapped module's weights untouched, so unwrapping gives the base's own weights
+    without a copy. Tied embeddings are the same tensor as the input embedding: the base's too.
+    """
+    module = model.get_output_embeddings()
+    while True:
+        if hasattr(module, "original_module"):
+            module = module.original_module
+        elif hasattr(module, "base_layer"):
+            module = module.base_layer
+        else:
+            break
+    return OutputHead(module.weight, getattr(module, "bias", None))
+
+
+def output_head_from_files(folder, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False) -> OutputHead:
+    """The base's output embedding read from its safetensors, without loading the model.
+
+    Its parameter names come from an empty (meta-device) instance of the architecture: every name
+    the output weight has (with tied embeddings, the input embedding's too) is looked for in the files.
+    """
+    from pathlib import Path
+
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(folder)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    head = skeleton.get_output_embeddings()
+    params = list(skeleton.named_parameters(remove_duplicate=False))
+    weight_names = [n for n, p in params if p is head.weight]
+    bias = getattr(head, "bias", None)
+    bias_names = [n for n, p in params if bias is not None and p is bias]
+    if getattr(config, "tie_word_embeddings", False):
+        weight_names += [n for n, p in params if p is skeleton.get_input_embeddings().weight]
+    found: dict[str, torch.Tensor] = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(path, framework="pt") as tensors:
+            keys = set(tensors.keys())
+            for kind, names in (("weight", weight_names), ("bias", bias_names)):
+                name = next((n for n in names if n in keys), None)
+                if name is not None and kind not in found:
+                    found[kind] = tensors.get_tensor(name)
+    if "weight" not in found or (bias_names and "bias" not in found):
+        raise RunFailure(
+            f"{folder}: the base's output embedding ({', '.join(weight_names) or 'lm_head'}) is not in its safetensors "
+            "files, which the exact drift of a full-weight checkpoint reads; set `drift_k: 32` on the suite (top-k drift)"
+        )
+    move = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731 - the model is loaded in this dtype too
+    return OutputHead(move(found["weight"]), move(found["bias"]) if "bias" in found else None)
+
+
+def to_stored(reference: DriftReference, k: int) -> StoredReference | StoredHidden:
+    """One document's reference as the store keeps it (bytes, nothing rounded)."""
+    if reference.hidden is not None:
+        hidden = reference.hidden.contiguous()
+        return StoredHidden(str(hidden.dtype).removeprefix("torch."), int(hidden.shape[1]), hidden.view(torch.uint8).numpy().tobytes())
+    return StoredReference(
+        k,
+        reference.logprobs.astype("<f4").tobytes(),
+        reference.indices.astype("<i4").tobytes(),
+        reference.rest.astype("<f8").tobytes(),
+    )
+
+
+def from_stored(stored: StoredReference | StoredHidden) -> DriftReference:
+    if isinstance(stored, StoredHidden):
+        values = torch.frombuffer(bytearray(stored.hidden), dtype=torch.uint8)
+        return DriftReference(hidden=values.view(getattr(torch, stored.dtype)).reshape(-1, stored.width))
+    return DriftReference(
+        logprobs=np.frombuffer(stored.logprobs, dtype="<f4").reshape(-1, stored.k),
+        indices=np.frombuffer(stored.indices, dtype="<i4").reshape(-1, stored.k),
+        rest=np.frombuffer(stored.rest, dtype="<f8"),
+    )
+
+
+class NotLinearHead(Exception):
+    """The model's logits are not lm_head(hidden): the exact drift method cannot recompute them."""
 
 
 @dataclass
@@ -206,11 +330,13 @@ class DriftRun:
     """What drift work a scoring pass does: capture the base's reference, or compare with it."""
 
     k: int
-    """Top-k size of the reference."""
+    """Top-k size of the reference; DRIFT_EXACT: the exact method (hidden states)."""
     reference: list[DriftReference] | None = None
     """Per document (suite order), the base's reference; None: this pass captures it (the base)."""
     tokenizer: object = None
     """Decodes the reported tokens (a checkpoint's pass)."""
+    head: OutputHead | None = None
+    """Exact method, a checkpoint's pass: the base's output embedding."""
     captured: list[DriftReference] = field(default_factory=list)
     """Filled by the base's pass: its reference, per document."""
     token_kl: list[np.ndarray] = field(default_factory=list)
@@ -219,6 +345,10 @@ class DriftRun:
     @property
     def capturing(self) -> bool:
         return self.reference is None
+
+    @property
+    def exact(self) -> bool:
+        return self.k == DRIFT_EXACT
 
 
 @dataclass
@@ -239,6 +369,10 @@ class _WindowDrift:
     """Base pass: (tokens, k) token ids."""
     rest: np.ndarray | None = None
     """Base pass: rest mass per token."""
+    hidden: torch.Tensor | None = None
+    """Base pass, exact: (tokens, hidden size) hidden states."""
+    base_top: np.ndarray | None = None
+    """Checkpoint pass, exact: the base's most likely token id per token."""
 
 
 def score_documents(
@@ -281,10 +415,20 @@ def score_documents(
     # Longest first: similar lengths share a batch (little padding), and an out-of-memory
     # error shows up on the first batch rather than after an hour.
     order = sorted(windows, key=lambda w: len(w.input_ids), reverse=True)
-    forward = None
+    forward, hook = None, None
     if drift is not None:
-        forward = partial(_forward, drift=drift, reference=lambda w: _window_reference(drift, slots, w))
-    used = run_batches(model, order, batch_size, device, pad_id, consume, forward)
+        tap: dict = {}
+        if drift.exact and drift.capturing:
+            head = model.get_output_embeddings()
+            if head is None:
+                raise NotLinearHead()  # no output embedding to recompute the logits with
+            hook = head.register_forward_hook(partial(_tap, tap))
+        forward = partial(_forward, drift=drift, reference=lambda w: _window_reference(drift, slots, w), tap=tap)
+    try:
+        used = run_batches(model, order, batch_size, device, pad_id, consume, forward)
+    finally:
+        if hook is not None:
+            hook.remove()
     records = []
     for index, (doc, value) in enumerate(zip(docs, nll)):
         if not math.isfinite(value):
@@ -299,6 +443,11 @@ def score_documents(
     return records, used
 
 
+def _tap(tap: dict, module, args, output) -> None:
+    """Forward hook on lm_head: keep its input (the final hidden states) and output of this batch."""
+    tap["hidden"], tap["logits"] = args[0], output
+
+
 def _reference_slots(docs: list[EncodedDocument]) -> list[list[int]]:
     """Per document, position -> index among its scored tokens (the reference's row), -1 if unscored."""
     slots = []
@@ -311,14 +460,16 @@ def _reference_slots(docs: list[EncodedDocument]) -> list[list[int]]:
     return slots
 
 
-def _window_reference(drift: DriftRun, slots, window: Window) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+def _window_reference(drift: DriftRun, slots, window: Window) -> tuple[torch.Tensor, ...] | None:
     """The base's reference rows for a window's scored tokens (None while capturing it)."""
     if drift.capturing:
         return None
     ref = drift.reference[window.doc]
     rows = [slots[window.doc][window.begin + p] for p, s in enumerate(window.scored) if s]
-    if ref.logprobs.shape[0] != len(slots[window.doc]) - slots[window.doc].count(-1):
+    if ref.tokens != len(slots[window.doc]) - slots[window.doc].count(-1) or (ref.hidden is not None) != drift.exact:
         raise RunFailure("the stored drift reference does not match the suite's tokens; delete gate.sqlite and re-run")
+    if drift.exact:
+        return (ref.hidden[rows],)
     return (
         torch.from_numpy(ref.logprobs[rows]),
         torch.from_numpy(ref.indices[rows].astype(np.int64)),
@@ -329,6 +480,9 @@ def _window_reference(drift: DriftRun, slots, window: Window) -> tuple[torch.Ten
 def _finish_drift(drift: DriftRun, index: int, doc: EncodedDocument, record: DocumentScore, pieces: list[tuple[int, _WindowDrift]]) -> None:
     """Join a document's windows (in position order) into its reference or its drift record."""
     parts = [p for _, p in pieces]
+    if drift.capturing and drift.exact:
+        drift.captured.append(DriftReference(hidden=torch.cat([p.hidden for p in parts])))
+        return
     if drift.capturing:
         drift.captured.append(
             DriftReference(
@@ -347,13 +501,13 @@ def _finish_drift(drift: DriftRun, index: int, doc: EncodedDocument, record: Doc
     match = np.concatenate([p.match for p in parts])
     top = np.concatenate([p.top for p in parts])
     positions = [q for p in parts for q in p.positions]
-    ref = drift.reference[index]
+    base_top = np.concatenate([p.base_top for p in parts]) if drift.exact else drift.reference[index].indices[:, 0]
     drift.token_kl.append(kl)
     record.kl_sum = math.fsum(kl.tolist())
     record.top1_matches = int(match.sum())
     worst = heapq.nlargest(DRIFT_WORST, range(len(kl)), key=lambda i: kl[i])
     record.drifted = [
-        _drift_token(drift.tokenizer, doc, positions[i], float(kl[i]), int(ref.indices[i, 0]), int(top[i]))
+        _drift_token(drift.tokenizer, doc, positions[i], float(kl[i]), int(base_top[i]), int(top[i]))
         for i in worst
         if kl[i] > 0
     ]
@@ -411,7 +565,9 @@ def is_out_of_memory(err: BaseException) -> bool:
 
 
 @torch.inference_mode()
-def _forward(model, batch: list[Window], device: torch.device, pad_id: int, drift: DriftRun | None = None, reference=None) -> list:
+def _forward(
+    model, batch: list[Window], device: torch.device, pad_id: int, drift: DriftRun | None = None, reference=None, tap=None
+) -> list:
     """One padded forward pass; returns each window's summed nll over its scored tokens.
 
     With ``drift``, each window's value is (nll, _WindowDrift), from the same logits.
@@ -433,14 +589,28 @@ def _forward(model, batch: list[Window], device: torch.device, pad_id: int, drif
         labels[row, [p - 1 for p in targets]] = torch.tensor([window.input_ids[p] for p in targets], dtype=torch.long)
     flat = logits.reshape(-1, logits.shape[-1])
     if drift is not None:
-        return _forward_drift(flat, labels, batch, drift, reference)
+        hidden = None
+        if drift.exact and drift.capturing:
+            hidden = tap.pop("hidden")
+            head_logits = tap.pop("logits")
+            if not tap.get("checked"):
+                # The exact method recomputes logits as lm_head(hidden): true of this model only if
+                # nothing (soft-capping, scaling) comes after lm_head. Checked once, on the first batch.
+                if head_logits.shape != logits.shape or not torch.equal(head_logits, logits):
+                    raise NotLinearHead()
+                tap["checked"] = True
+            del head_logits
+            hidden = hidden.reshape(-1, hidden.shape[-1])
+        return _forward_drift(flat, labels, batch, drift, reference, hidden)
     if flat.dtype != torch.float32:
         flat = flat.float()
     nll = torch.nn.functional.cross_entropy(flat, labels.view(-1).to(flat.device), ignore_index=-100, reduction="none")
     return nll.view(len(batch), width).double().sum(dim=1).tolist()
 
 
-def _forward_drift(flat: torch.Tensor, labels: torch.Tensor, batch: list[Window], drift: DriftRun, reference) -> list:
+def _forward_drift(
+    flat: torch.Tensor, labels: torch.Tensor, batch: list[Window], drift: DriftRun, reference, hidden: torch.Tensor | None = None
+) -> list:
     """nll and drift from the scored rows only, in chunks that bound the float32 log-softmax's memory.
 
     The log-softmax of the scored rows is the one cross_entropy computes, so nll is the same
@@ -455,12 +625,21 @@ def _forward_drift(flat: torch.Tensor, labels: torch.Tensor, batch: list[Window]
     nll_parts, drift_parts = [], []
     refs = None if drift.capturing else [reference(w) for w in batch]
     ref_cat = None if refs is None else [torch.cat(parts) for parts in zip(*refs)]
+    if drift.exact and drift.capturing:
+        # The base: its hidden states at the scored rows, as they are (compute dtype); nll as without drift.
+        kept = hidden[rows].cpu()
     for start in range(0, len(rows), chunk):
         picked = flat[rows[start : start + chunk]].float()
         logp = torch.log_softmax(picked, dim=-1)
         del picked
         nll_parts.append(-logp.gather(1, targets[start : start + chunk, None]).squeeze(1).double().cpu())
-        if drift.capturing:
+        if drift.exact and drift.capturing:
+            continue
+        if drift.exact:
+            h = ref_cat[0][start : start + chunk].to(logp.device)
+            base_logits = torch.nn.functional.linear(h, drift.head.weight, drift.head.bias)
+            drift_parts.append(_compare_exact(logp, base_logits))
+        elif drift.capturing:
             if drift.k > logp.shape[-1]:
                 raise RunFailure(f"drift_k {drift.k} exceeds the model's vocabulary ({logp.shape[-1]} tokens)")
             values, indices = torch.topk(logp, drift.k, dim=-1)
@@ -475,7 +654,14 @@ def _forward_drift(flat: torch.Tensor, labels: torch.Tensor, batch: list[Window]
     for window, n in zip(batch, counts):
         sl = slice(offset, offset + n)
         positions = [window.begin + p for p, s in enumerate(window.scored) if s]
-        if drift.capturing:
+        if drift.exact and drift.capturing:
+            part = _WindowDrift(positions, hidden=kept[sl])
+        elif drift.exact:
+            part = _WindowDrift(
+                positions, kl=joined[0][sl].numpy(), match=joined[1][sl].numpy(), top=joined[2][sl].numpy(),
+                base_top=joined[3][sl].numpy(),
+            )
+        elif drift.capturing:
             part = _WindowDrift(positions, logprobs=joined[0][sl].numpy(), indices=joined[1][sl].numpy(), rest=joined[2][sl].numpy())
         else:
             part = _WindowDrift(positions, kl=joined[0][sl].numpy(), match=joined[1][sl].numpy(), top=joined[2][sl].numpy())
@@ -499,3 +685,27 @@ def _compare(logp: torch.Tensor, b: torch.Tensor, idx: torch.Tensor, p_rest: tor
     best = logp.max(dim=-1)
     match = (logp.gather(1, idx[:, :1]).squeeze(1) >= best.values).cpu()
     return kl, match, best.indices.cpu()
+
+
+def _compare_exact(logp: torch.Tensor, base_logits: torch.Tensor):
+    """Per token: the full-vocabulary KL(base || checkpoint), top-1 agreement, both models' top ids.
+
+    ``logp``: the checkpoint's float32 log-probabilities; ``base_logits``: the base's recomputed
+    logits (compute dtype), upcast here as the base's own pass upcasts them.
+    """
+    base_top = base_logits.argmax(dim=-1)
+    lb = torch.log_softmax(base_logits.float(), dim=-1)
+    del base_logits
+    diff = lb - logp
+    p = lb.exp_()  # lb is not needed any more: its memory holds p
+    kl = torch.einsum("tv,tv->t", diff, p)  # row by row sum of p * diff, without a (tokens x vocabulary) product
+    redo = kl.isnan().nonzero().squeeze(1)
+    if len(redo):
+        # A base logit of -inf gives p = 0 and diff = -inf: 0 log 0 = 0, whatever the checkpoint says.
+        # A NaN from the checkpoint stays NaN (a failure, never averaged).
+        kl[redo] = torch.where(p[redo] > 0, diff[redo] * p[redo], 0.0).sum(dim=-1)
+    kl = kl.double()
+    kl = kl.clamp_min(0.0)  # rounding can leave -1e-9 where the distributions agree; KL is never negative
+    best = logp.max(dim=-1)
+    match = logp.gather(1, base_top[:, None]).squeeze(1) >= best.values
+    return kl.cpu(), match.cpu(), best.indices.cpu(), base_top.cpu()

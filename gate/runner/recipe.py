@@ -43,8 +43,9 @@ from gate.runner import generate as generation
 from gate.runner import harness
 from gate.runner import model as models
 from gate.runner.perplexity import SCORING_VERSION, DriftReference, DriftRun, encode_suite, score_documents
+from gate.runner import perplexity as ppl
 from gate.scan import Checkpoint
-from gate.store import ResultsStore, ScoreIdentity, ScoreProvenance, StoredReference
+from gate.store import ResultsStore, ScoreIdentity, ScoreProvenance
 from gate.work import Facts, Failure, WorkItem, WorkList
 
 WORK_DIR = ".gate"  # under the output folder: localized task YAMLs
@@ -336,13 +337,23 @@ def _check_generation_room(request: RunRequest, context: int | None) -> None:
 def _check_drift_k(request: RunRequest, base_config: dict) -> None:
     """k of a drift suite cannot exceed the vocabulary: refuse it before any model loads."""
     vocab = base_config.get("vocab_size")
+    capped = [key for key in ppl.SOFTCAP_KEYS if base_config.get(key) not in (None, 1, 1.0)]
     for suite in request.suites:
+        where = request.config_path or "gate.yaml"
         if suite.drift_k is not None and vocab is not None and suite.drift_k > vocab:
-            where = request.config_path or "gate.yaml"
             raise ConfigError(
                 where,
                 [f"suite {suite.name!r}: drift_k {suite.drift_k} exceeds the base's vocabulary ({vocab} tokens); lower drift_k"],
             )
+        if suite.drift_k == ppl.DRIFT_EXACT and capped:
+            raise ConfigError(where, [_not_linear_head(suite.name, f"its config.json sets {capped[0]}")])
+
+
+def _not_linear_head(suite: str, why: str) -> str:
+    return (
+        f"suite {suite!r}: exact drift recomputes the base's logits as lm_head(hidden state), and the base's logits are "
+        f"not that ({why}: soft-capped or scaled logits); set `drift_k: 32` on the suite (top-k drift, a lower bound)"
+    )
 
 
 def _failure(plan: ModelPlan, err: GateError) -> Failure:
@@ -448,14 +459,7 @@ class _Scorer:
                 raise RunFailure(
                     f"the base's drift reference for suite {suite!r} is not in the results store; run the same command again"
                 )
-            self.references[suite] = [
-                DriftReference(
-                    logprobs=np.frombuffer(r.logprobs, dtype="<f4").reshape(-1, r.k),
-                    indices=np.frombuffer(r.indices, dtype="<i4").reshape(-1, r.k),
-                    rest=np.frombuffer(r.rest, dtype="<f8"),
-                )
-                for r in stored
-            ]
+            self.references[suite] = [ppl.from_stored(r) for r in stored]
         return self.references[suite]
 
     def _perplexity(self, model, plan: ModelPlan, suite: str) -> None:
@@ -467,28 +471,36 @@ class _Scorer:
             drift = DriftRun(k)
         elif k is not None:
             reference_key = plan.identities[suite].settings["drift_reference"]
-            drift = DriftRun(k, reference=self._reference(reference_key, suite), tokenizer=self.tokenizer)
+            head = None
+            if k == ppl.DRIFT_EXACT and plan.checkpoint.kind == "full":
+                # A full checkpoint stands alone in memory: the base's lm_head comes from its files.
+                base_dir = models.resolve_base(self.request.base, self.request.online)
+                head = ppl.output_head_from_files(base_dir, self.dtype, self.device, self.request.trust_remote_code)
+            elif k == ppl.DRIFT_EXACT:
+                head = ppl.base_output_head(model)  # an adapter on the loaded base: the base's own module
+            drift = DriftRun(k, reference=self._reference(reference_key, suite), tokenizer=self.tokenizer, head=head)
         self.progress(ProgressEvent("start", model=name, suite=suite, total=len(docs)))
         began = time.perf_counter()
-        records, used = score_documents(
-            model,
-            docs,
-            max_length=self.max_length,
-            stride=self.stride,
-            batch_size=self.request.batch_size,
-            device=self.device,
-            pad_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0,
-            on_progress=lambda done, total: self.progress(
-                ProgressEvent("advance", model=name, suite=suite, done=done, total=total)
-            ),
-            drift=drift,
-        )
+        try:
+            records, used = score_documents(
+                model,
+                docs,
+                max_length=self.max_length,
+                stride=self.stride,
+                batch_size=self.request.batch_size,
+                device=self.device,
+                pad_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0,
+                on_progress=lambda done, total: self.progress(
+                    ProgressEvent("advance", model=name, suite=suite, done=done, total=total)
+                ),
+                drift=drift,
+            )
+        except ppl.NotLinearHead:
+            where = self.request.config_path or "gate.yaml"
+            raise ConfigError(where, [_not_linear_head(suite, "its first batch's logits differ from lm_head(hidden)")]) from None
         summary, reference = None, None
         if drift is not None and drift.capturing:
-            reference = [
-                StoredReference(k, r.logprobs.astype("<f4").tobytes(), r.indices.astype("<i4").tobytes(), r.rest.astype("<f8").tobytes())
-                for r in drift.captured
-            ]
+            reference = [ppl.to_stored(r, k) for r in drift.captured]
             self.references[suite] = drift.captured
         elif drift is not None:
             summary = Drift(k=k, kl_p99=float(np.percentile(np.concatenate(drift.token_kl), 99)))
