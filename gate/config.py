@@ -52,7 +52,7 @@ from __future__ import annotations
 import difflib
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
@@ -245,6 +245,15 @@ class Policy:
     reference: str | None = None
     """Also gate against this: ``release`` (the blessed release) or a checkpoint's name. None: the base only."""
 
+    def to_json(self) -> dict:
+        """Field by field: verdict.json records the policy it applied, and ``from_json`` reads it back exactly."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, obj: dict) -> Policy:
+        select = tuple(obj["select"]) if obj.get("select") else None
+        return cls(**{**obj, "gates": [Gate(**g) for g in obj["gates"]], "select": select})
+
     @property
     def ranking(self) -> tuple[str, str]:
         if self.select:
@@ -312,18 +321,7 @@ def load_config(path: str | Path | None) -> GateConfig:
         suites = [builtin_spec(n) for n in DEFAULT_SUITES]
         return GateConfig(suites=suites, policy=default_policy(suites))
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(str(path), ["file not found; pass an existing gate.yaml with --config"]) from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(str(path), [f"cannot be read ({err})"]) from None
-    except yaml.YAMLError as err:
-        raise ConfigError(str(path), [f"not valid YAML: {err}"]) from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(str(path), ["must be a mapping of keys (base, suites, ...)"])
+    raw = _read_yaml(path)
     problems: list[str] = []
     config = GateConfig(path=str(path))
     _unknown_keys(raw, TOP_KEYS, "", problems)
@@ -348,7 +346,50 @@ def load_config(path: str | Path | None) -> GateConfig:
     return config
 
 
-def _suites(value: object, folder: Path, problems: list[str]) -> list[SuiteSpec]:
+def load_policy(path: str | Path | None, suites: list | None = None) -> Policy:
+    """Only the policy of gate.yaml (gates, select, alpha, confirm, seed, reference...); reads no data file.
+
+    The gates are checked against ``suites`` (anything with ``name``, ``type`` and ``drift_k``:
+    results.json's suites, which say what was scored) or, when None, against the suites gate.yaml
+    names (their types and drift settings as written there; no suite, task or training file is
+    opened). ``path`` None: the default policy of those suites (of the built-in ones when None too).
+    Raises ConfigError listing every problem of the policy.
+    """
+    if path is None:
+        return default_policy(suites if suites is not None else [builtin_spec(n) for n in DEFAULT_SUITES])
+    path = Path(path)
+    raw = _read_yaml(path)
+    problems: list[str] = []
+    _unknown_keys(raw, TOP_KEYS, "", problems)
+    known = "in results.json" if suites is not None else "configured"
+    if suites is None:
+        suites = _suites(raw.get("suites"), path.parent.resolve(), problems, files=False)
+        _drift(raw, suites, problems)
+        _add_lines(path, suites, problems)
+    policy = _policy(raw, suites, problems, known)
+    if problems:
+        raise ConfigError(str(path), problems)
+    return policy
+
+
+def _read_yaml(path: Path) -> dict:
+    """gate.yaml's top-level mapping, or a ConfigError naming the file."""
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(str(path), ["file not found; pass an existing gate.yaml with --config"]) from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(str(path), [f"cannot be read ({err})"]) from None
+    except yaml.YAMLError as err:
+        raise ConfigError(str(path), [f"not valid YAML: {err}"]) from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(str(path), ["must be a mapping of keys (base, suites, ...)"])
+    return raw
+
+
+def _suites(value: object, folder: Path, problems: list[str], files: bool = True) -> list[SuiteSpec]:
     if value is None:
         return [builtin_spec(n) for n in DEFAULT_SUITES]
     if not isinstance(value, list) or not value:
@@ -364,13 +405,14 @@ def _suites(value: object, folder: Path, problems: list[str]) -> list[SuiteSpec]
         if isinstance(name, str) and name in seen:
             problems.append(f"suites[{i}] ({name}).name: {name!r} is used twice; suite names must be unique")
         seen.add(name)
-        spec = _suite(entry, i, folder, problems)
+        spec = _suite(entry, i, folder, problems, files)
         if spec is not None:
             specs.append(spec)
     return specs
 
 
-def _suite(entry: dict, i: int, folder: Path, problems: list[str]) -> SuiteSpec | None:
+def _suite(entry: dict, i: int, folder: Path, problems: list[str], files: bool = True) -> SuiteSpec | None:
+    """One suite entry; ``files`` False: its path / task is taken as written, never looked up on disk."""
     _unknown_keys(entry, SUITE_KEYS, f"suites[{i}].", problems)
     name = _typed(entry, "name", str, None, f"suites[{i}].", problems)
     if not name:
@@ -409,11 +451,11 @@ def _suite(entry: dict, i: int, folder: Path, problems: list[str]) -> SuiteSpec 
     if kind == "perplexity":
         if spec.metric is not None and spec.metric not in PERPLEXITY_METRICS:
             problems.append(f"{where}metric: {spec.metric!r} is not one of {', '.join(PERPLEXITY_METRICS)}")
-        spec.path = _file(entry, "path", name, where, folder, problems, "the path of a JSONL file")
+        spec.path = _file(entry, "path", name, where, folder, problems, "the path of a JSONL file", files)
     elif kind == "generate":
         if spec.metric is not None and spec.metric not in GENERATE_METRICS:
             problems.append(f"{where}metric: {spec.metric!r} is not one of {', '.join(GENERATE_METRICS)}")
-        spec.path = _file(entry, "path", name, where, folder, problems, "the path of a JSONL file of prompts")
+        spec.path = _file(entry, "path", name, where, folder, problems, "the path of a JSONL file of prompts", files)
         spec.system = _typed(entry, "system", str, None, where, problems)
         tokens = _typed(entry, "max_new_tokens", int, DEFAULT_MAX_NEW_TOKENS, where, problems)
         if tokens <= 0:
@@ -423,7 +465,7 @@ def _suite(entry: dict, i: int, folder: Path, problems: list[str]) -> SuiteSpec 
     else:
         spec.system_instruction = _typed(entry, "system_instruction", str, None, where, problems)
         spec.gen_kwargs = _gen_kwargs(entry.get("gen_kwargs"), where, problems)
-        spec.task = _task(entry, where, folder, problems)
+        spec.task = _task(entry, where, folder, problems, files)
     return spec
 
 
@@ -453,24 +495,26 @@ def _drift(raw: dict, suites: list[SuiteSpec], problems: list[str]) -> None:
             spec.drift_k = k or DEFAULT_DRIFT_K
 
 
-def _file(entry: dict, key: str, name: str, where: str, folder: Path, problems: list[str], what: str) -> str:
+def _file(entry: dict, key: str, name: str, where: str, folder: Path, problems: list[str], what: str, files: bool = True) -> str:
     value = _typed(entry, key, str, None, where, problems)
     if value is None:
         known = ", ".join(sorted(builtin_entries()))
         problems.append(f"{where}{key}: missing, and there is no built-in suite {name!r} (built-in: {known}); give {what}")
         return ""
     resolved = (folder / value).resolve()
-    if not resolved.is_file():
+    if files and not resolved.is_file():
         problems.append(f"{where}{key}: {resolved} does not exist; fix the path (relative to gate.yaml)")
     return str(resolved)
 
 
-def _task(entry: dict, where: str, folder: Path, problems: list[str]) -> str:
+def _task(entry: dict, where: str, folder: Path, problems: list[str], files: bool = True) -> str:
     value = _typed(entry, "task", str, None, where, problems)
     if value is None:
         problems.append(f"{where}task: missing; name a registered lm-eval task, or a task YAML or folder")
         return ""
     candidate = (folder / value).resolve()
+    if not files:
+        return value
     if candidate.exists():
         return str(candidate)
     if value.endswith((".yaml", ".yml")) or "/" in value or value.startswith("."):
@@ -539,7 +583,8 @@ def default_policy(suites: list[SuiteSpec]) -> Policy:
     return Policy(gates=gates)
 
 
-def _policy(raw: dict, suites: list[SuiteSpec], problems: list[str]) -> Policy:
+def _policy(raw: dict, suites: list[SuiteSpec], problems: list[str], known: str = "configured") -> Policy:
+    """The policy keys of gate.yaml, checked against ``suites`` (``known``: where they come from, for messages)."""
     alpha = raw.get("alpha", 0.05)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 0.5:
         problems.append(f"alpha: must be a number between 0 and 0.5, not {alpha!r}")
@@ -553,17 +598,17 @@ def _policy(raw: dict, suites: list[SuiteSpec], problems: list[str]) -> Policy:
     if "gates" not in raw:
         policy = default_policy(suites)
     else:
-        policy = Policy(gates=_gates(raw["gates"], suites, problems))
+        policy = Policy(gates=_gates(raw["gates"], suites, problems, known))
     policy.alpha, policy.confirm, policy.seed, policy.bootstrap_iterations = float(alpha), confirm, seed, iterations
     policy.reference = _typed(raw, "reference", str, None, "", problems)
     select = raw.get("select")
     if select is not None:
-        parsed = _suite_metric(select, suites, "select", problems)
+        parsed = _suite_metric(select, suites, "select", problems, known)
         policy.select = parsed
     return policy
 
 
-def _gates(value: object, suites: list[SuiteSpec], problems: list[str]) -> list[Gate]:
+def _gates(value: object, suites: list[SuiteSpec], problems: list[str], known: str = "configured") -> list[Gate]:
     if not isinstance(value, list) or not value:
         problems.append("gates: must be a non-empty list of {suite, metric, <bound>: margin} entries")
         return []
@@ -574,7 +619,7 @@ def _gates(value: object, suites: list[SuiteSpec], problems: list[str]) -> list[
             problems.append(f"{where}: must be a mapping like {{suite: known-good, metric: perplexity, max_increase: 2%}}")
             continue
         _unknown_keys(entry, {*GATE_KEYS, *GATE_BOUNDS}, f"{where}.", problems)
-        suite_metric = _suite_metric(f"{entry.get('suite')}.{entry.get('metric')}", suites, where, problems)
+        suite_metric = _suite_metric(f"{entry.get('suite')}.{entry.get('metric')}", suites, where, problems, known)
         bounds = [b for b in GATE_BOUNDS if b in entry]
         if len(bounds) != 1:
             problems.append(f"{where}: needs exactly one of {', '.join(GATE_BOUNDS)} (found {len(bounds)})")
@@ -630,7 +675,7 @@ def _margin(value: object, where: str, problems: list[str]) -> tuple[float | Non
     return number, relative
 
 
-def _suite_metric(text: object, suites: list[SuiteSpec], where: str, problems: list[str]) -> tuple[str, str] | None:
+def _suite_metric(text: object, suites: list[SuiteSpec], where: str, problems: list[str], known: str = "configured") -> tuple[str, str] | None:
     if not isinstance(text, str) or "." not in text:
         problems.append(f"{where}: must name suite.metric, not {text!r}")
         return None
@@ -638,7 +683,10 @@ def _suite_metric(text: object, suites: list[SuiteSpec], where: str, problems: l
     spec = next((s for s in suites if s.name == suite), None)
     if spec is None:
         names = ", ".join(s.name for s in suites)
-        problems.append(f"{where}: suite {suite!r} is not configured (suites: {names})")
+        problems.append(f"{where}: suite {suite!r} is not {known} (suites: {names})")
+        return None
+    if spec.type == "perplexity" and metric in DRIFT_METRICS and spec.drift_k is None and known != "configured":
+        problems.append(f"{where}: suite {suite!r} was scored without drift, so it has no {metric!r}; add `drift: true` to it and re-run `gate run`")
         return None
     if spec.type == "perplexity" and metric in DRIFT_METRICS and spec.drift_k is None:
         problems.append(
