@@ -361,12 +361,12 @@ def load_policy(path: str | Path | None, suites: list | None = None) -> Policy:
     raw = _read_yaml(path)
     problems: list[str] = []
     _unknown_keys(raw, TOP_KEYS, "", problems)
-    known = "in results.json" if suites is not None else "configured"
+    scope = "in results.json" if suites is not None else "configured"
     if suites is None:
         suites = _suites(raw.get("suites"), path.parent.resolve(), problems, files=False)
         _drift(raw, suites, problems)
         _add_lines(path, suites, problems)
-    policy = _policy(raw, suites, problems, known)
+    policy = _policy(raw, suites, problems, scope)
     if problems:
         raise ConfigError(str(path), problems)
     return policy
@@ -583,8 +583,8 @@ def default_policy(suites: list[SuiteSpec]) -> Policy:
     return Policy(gates=gates)
 
 
-def _policy(raw: dict, suites: list[SuiteSpec], problems: list[str], known: str = "configured") -> Policy:
-    """The policy keys of gate.yaml, checked against ``suites`` (``known``: where they come from, for messages)."""
+def _policy(raw: dict, suites: list[SuiteSpec], problems: list[str], scope: str = "configured") -> Policy:
+    """The policy keys of gate.yaml, checked against ``suites`` (``scope``: where they come from, for messages)."""
     alpha = raw.get("alpha", 0.05)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 0.5:
         problems.append(f"alpha: must be a number between 0 and 0.5, not {alpha!r}")
@@ -598,17 +598,17 @@ def _policy(raw: dict, suites: list[SuiteSpec], problems: list[str], known: str 
     if "gates" not in raw:
         policy = default_policy(suites)
     else:
-        policy = Policy(gates=_gates(raw["gates"], suites, problems, known))
+        policy = Policy(gates=_gates(raw["gates"], suites, problems, scope))
     policy.alpha, policy.confirm, policy.seed, policy.bootstrap_iterations = float(alpha), confirm, seed, iterations
     policy.reference = _typed(raw, "reference", str, None, "", problems)
     select = raw.get("select")
     if select is not None:
-        parsed = _suite_metric(select, suites, "select", problems, known)
+        parsed = _suite_metric(select, suites, "select", problems, scope)
         policy.select = parsed
     return policy
 
 
-def _gates(value: object, suites: list[SuiteSpec], problems: list[str], known: str = "configured") -> list[Gate]:
+def _gates(value: object, suites: list[SuiteSpec], problems: list[str], scope: str = "configured") -> list[Gate]:
     if not isinstance(value, list) or not value:
         problems.append("gates: must be a non-empty list of {suite, metric, <bound>: margin} entries")
         return []
@@ -619,7 +619,7 @@ def _gates(value: object, suites: list[SuiteSpec], problems: list[str], known: s
             problems.append(f"{where}: must be a mapping like {{suite: known-good, metric: perplexity, max_increase: 2%}}")
             continue
         _unknown_keys(entry, {*GATE_KEYS, *GATE_BOUNDS}, f"{where}.", problems)
-        suite_metric = _suite_metric(f"{entry.get('suite')}.{entry.get('metric')}", suites, where, problems, known)
+        suite_metric = _suite_metric(f"{entry.get('suite')}.{entry.get('metric')}", suites, where, problems, scope)
         bounds = [b for b in GATE_BOUNDS if b in entry]
         if len(bounds) != 1:
             problems.append(f"{where}: needs exactly one of {', '.join(GATE_BOUNDS)} (found {len(bounds)})")
@@ -675,7 +675,7 @@ def _margin(value: object, where: str, problems: list[str]) -> tuple[float | Non
     return number, relative
 
 
-def _suite_metric(text: object, suites: list[SuiteSpec], where: str, problems: list[str], known: str = "configured") -> tuple[str, str] | None:
+def _suite_metric(text: object, suites: list[SuiteSpec], where: str, problems: list[str], scope: str = "configured") -> tuple[str, str] | None:
     if not isinstance(text, str) or "." not in text:
         problems.append(f"{where}: must name suite.metric, not {text!r}")
         return None
@@ -683,9 +683,9 @@ def _suite_metric(text: object, suites: list[SuiteSpec], where: str, problems: l
     spec = next((s for s in suites if s.name == suite), None)
     if spec is None:
         names = ", ".join(s.name for s in suites)
-        problems.append(f"{where}: suite {suite!r} is not {known} (suites: {names})")
+        problems.append(f"{where}: suite {suite!r} is not {scope} (suites: {names})")
         return None
-    if spec.type == "perplexity" and metric in DRIFT_METRICS and spec.drift_k is None and known != "configured":
+    if spec.type == "perplexity" and metric in DRIFT_METRICS and spec.drift_k is None and scope != "configured":
         problems.append(f"{where}: suite {suite!r} was scored without drift, so it has no {metric!r}; add `drift: true` to it and re-run `gate run`")
         return None
     if spec.type == "perplexity" and metric in DRIFT_METRICS and spec.drift_k is None:
