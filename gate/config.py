@@ -352,7 +352,8 @@ def load_policy(path: str | Path | None, suites: list | None = None) -> Policy:
     The gates are checked against ``suites`` (anything with ``name``, ``type`` and ``drift_k``:
     results.json's suites, which say what was scored) or, when None, against the suites gate.yaml
     names (their types and drift settings as written there; no suite, task or training file is
-    opened). ``path`` None: the default policy of those suites (of the built-in ones when None too).
+    opened). Without ``gates:``, the default policy of the suites gate.yaml names. ``path`` None:
+    the default policy of ``suites`` (of the built-in ones when None too).
     Raises ConfigError listing every problem of the policy.
     """
     if path is None:
@@ -362,11 +363,11 @@ def load_policy(path: str | Path | None, suites: list | None = None) -> Policy:
     problems: list[str] = []
     _unknown_keys(raw, TOP_KEYS, "", problems)
     scope = "in results.json" if suites is not None else "configured"
-    if suites is None:
-        suites = _suites(raw.get("suites"), path.parent.resolve(), problems, files=False)
-        _drift(raw, suites, problems)
-        _add_lines(path, suites, problems)
-    policy = _policy(raw, suites, problems, scope)
+    declared = _suites(raw.get("suites"), path.parent.resolve(), problems, files=False)
+    _drift(raw, declared, problems)
+    _add_lines(path, declared, problems)
+    # Without `gates:`, the default policy is that of the suites as gate.yaml declares them (their metric).
+    policy = _policy(raw, declared if suites is None else suites, problems, scope, defaults=declared)
     if problems:
         raise ConfigError(str(path), problems)
     return policy
@@ -583,8 +584,9 @@ def default_policy(suites: list[SuiteSpec]) -> Policy:
     return Policy(gates=gates)
 
 
-def _policy(raw: dict, suites: list[SuiteSpec], problems: list[str], scope: str = "configured") -> Policy:
-    """The policy keys of gate.yaml, checked against ``suites`` (``scope``: where they come from, for messages)."""
+def _policy(raw: dict, suites: list[SuiteSpec], problems: list[str], scope: str = "configured", defaults: list[SuiteSpec] | None = None) -> Policy:
+    """The policy keys of gate.yaml, checked against ``suites`` (``scope``: where they come from, for
+    messages); without ``gates:``, the default policy of ``defaults`` (default: ``suites``)."""
     alpha = raw.get("alpha", 0.05)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 0.5:
         problems.append(f"alpha: must be a number between 0 and 0.5, not {alpha!r}")
@@ -596,7 +598,7 @@ def _policy(raw: dict, suites: list[SuiteSpec], problems: list[str], scope: str 
     seed = _typed(raw, "seed", int, 0, "", problems)
     iterations = _positive_int(raw, "bootstrap_iterations", 10_000, "", problems)
     if "gates" not in raw:
-        policy = default_policy(suites)
+        policy = default_policy(suites if defaults is None else defaults)
     else:
         policy = Policy(gates=_gates(raw["gates"], suites, problems, scope))
     policy.alpha, policy.confirm, policy.seed, policy.bootstrap_iterations = float(alpha), confirm, seed, iterations

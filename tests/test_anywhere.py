@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
@@ -274,3 +275,41 @@ def test_check_refuses_an_older_verdict_when_it_needs_its_policy(stranded, tmp_p
     assert "schema_version 2 is not 3" in str(err.value) and "pass the policy with --config" in str(err.value)
     with pytest.raises(GateError, match="schema_version 2 is not 3; it was written by another gate version: re-run `gate check`"):
         gate.report(copy)
+
+
+def test_without_gates_the_default_policy_is_the_declared_suites(tmp_path):
+    config = tmp_path / "gate.yaml"
+    config.write_text("suites:\n  - {name: style, path: missing.jsonl, metric: bits_per_byte}\n  - {name: probes, type: generate, path: missing.jsonl}\n")
+    scored = [SimpleNamespace(name="style", type="perplexity", drift_k=None, metric=None)]  # results.json records no perplexity metric
+    for policy in (load_policy(config), load_policy(config, scored)):
+        assert [g.describe() for g in policy.gates] == ["style.bits_per_byte max increase 5%"]
+    assert [g.describe() for g in load_policy(None, scored).gates] == ["style.perplexity max increase 5%"]
+    assert [g.describe() for g in load_policy(None).gates] == ["known-good.perplexity max increase 5%"]
+
+
+def test_the_report_draws_the_limit_the_verdict_recorded(stranded, tmp_path):
+    """The margin line of a plot is the check's recorded ``limit``: change it in verdict.json and the plot moves."""
+    out, *_ = stranded
+    copy = tmp_path / "out"
+    copy.mkdir()
+    shutil.copy(out / "results.json", copy)
+    verdict = json.loads((out / "verdict.json").read_text())
+    (copy / "verdict.json").write_text(json.dumps(verdict))
+    before = gate.report(copy)["html"]
+    plots = re.findall(r'src="(data:image/svg\+xml;base64,[^"]+)"', before.read_text())
+    for v in verdict["checkpoints"]:
+        for c in v["checks"]:
+            if c["bound"] == "max_increase" and c["metric"] == "perplexity":
+                c["limit"] *= 1.5
+    (copy / "verdict.json").write_text(json.dumps(verdict))
+    gate.report(copy)
+    after = re.findall(r'src="(data:image/svg\+xml;base64,[^"]+)"', (copy / "report.html").read_text())
+    assert len(after) == len(plots) >= 4
+    assert [a == b for a, b in zip(plots, after)] == [False, True, True, True] + [True] * (len(plots) - 4)
+
+
+def test_the_reports_compute_no_threshold():
+    """gate.reports reads thresholds from verdict.json: it never imports the policy engine or the gate bounds."""
+    package = Path(gate.__file__).parent / "reports"
+    pattern = re.compile(r"^\s*(from gate\.policy import|import gate\.policy|from gate\.config import .*GATE_BOUNDS)", re.M)
+    assert [p.name for p in package.glob("*.py") if pattern.search(p.read_text())] == []
