@@ -52,8 +52,10 @@ from __future__ import annotations
 import difflib
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import yaml
 
@@ -108,6 +110,15 @@ PERPLEXITY_METRICS = ("perplexity", "bits_per_byte")
 SUITE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 DEFAULT_SUITES = ("known-good",)
 _KIND_NAMES = {str: "a string", int: "an integer", bool: "true or false"}
+
+
+class NamedSuite(Protocol):
+    """What the policy needs to know of a suite: gate.yaml's SuiteSpec, or results.json's SuiteInfo."""
+
+    name: str
+    type: str
+    metric: str | None
+    drift_k: int | None
 
 
 @dataclass
@@ -346,7 +357,7 @@ def load_config(path: str | Path | None) -> GateConfig:
     return config
 
 
-def load_policy(path: str | Path | None, suites: list | None = None) -> Policy:
+def load_policy(path: str | Path | None, suites: Sequence[NamedSuite] | None = None) -> Policy:
     """Only the policy of gate.yaml (gates, select, alpha, confirm, seed, reference...); reads no data file.
 
     The gates are checked against ``suites`` (anything with ``name``, ``type`` and ``drift_k``:
@@ -574,7 +585,7 @@ def _contamination(value: object, suites: list[SuiteSpec], folder: Path, problem
     return Contamination(training_data=resolved, suites=[name for name in names if name in perplexity], n=n)
 
 
-def default_policy(suites: list[SuiteSpec]) -> Policy:
+def default_policy(suites: Sequence[NamedSuite]) -> Policy:
     """Without `gates:`: every perplexity suite is a guardrail that may not rise more than 5%."""
     gates = [
         Gate(suite=s.name, metric=s.metric or "perplexity", bound="max_increase", margin=DEFAULT_MAX_INCREASE, relative=True)
@@ -584,7 +595,9 @@ def default_policy(suites: list[SuiteSpec]) -> Policy:
     return Policy(gates=gates)
 
 
-def _policy(raw: dict, suites: list[SuiteSpec], problems: list[str], scope: str = "configured", defaults: list[SuiteSpec] | None = None) -> Policy:
+def _policy(
+    raw: dict, suites: Sequence[NamedSuite], problems: list[str], scope: str = "configured", defaults: Sequence[NamedSuite] | None = None
+) -> Policy:
     """The policy keys of gate.yaml, checked against ``suites`` (``scope``: where they come from, for
     messages); without ``gates:``, the default policy of ``defaults`` (default: ``suites``)."""
     alpha = raw.get("alpha", 0.05)
@@ -610,7 +623,7 @@ def _policy(raw: dict, suites: list[SuiteSpec], problems: list[str], scope: str 
     return policy
 
 
-def _gates(value: object, suites: list[SuiteSpec], problems: list[str], scope: str = "configured") -> list[Gate]:
+def _gates(value: object, suites: Sequence[NamedSuite], problems: list[str], scope: str = "configured") -> list[Gate]:
     if not isinstance(value, list) or not value:
         problems.append("gates: must be a non-empty list of {suite, metric, <bound>: margin} entries")
         return []
@@ -677,7 +690,9 @@ def _margin(value: object, where: str, problems: list[str]) -> tuple[float | Non
     return number, relative
 
 
-def _suite_metric(text: object, suites: list[SuiteSpec], where: str, problems: list[str], scope: str = "configured") -> tuple[str, str] | None:
+def _suite_metric(
+    text: object, suites: Sequence[NamedSuite], where: str, problems: list[str], scope: str = "configured"
+) -> tuple[str, str] | None:
     if not isinstance(text, str) or "." not in text:
         problems.append(f"{where}: must name suite.metric, not {text!r}")
         return None
