@@ -12,7 +12,7 @@ from typing import Callable
 
 import gate
 from gate.assemble import RunOutcome
-from gate.config import Policy, find_config, load_config
+from gate.config import Policy, find_config, load_policy
 from gate.errors import EXIT_RUNTIME_FAILURE, ConfigError, GateError
 from gate.progress import ProgressFn, no_progress
 from gate.results import Results, read_results, version_conflicts
@@ -109,7 +109,7 @@ def merge(shards: list[str | Path], out: str | Path = "reports", config: str | P
     policy_path = Path(config) if config else (Path(work.config) if work.config else find_config(None, None))
     if work.config and not config and not Path(work.config).is_file():
         raise ConfigError(work.config, ["the shards' gate.yaml is gone; pass the policy with --config"])
-    policy = load_config(policy_path).policy
+    policy = load_policy(policy_path, work.suites)  # only its policy keys: no suite file is opened
     with ResultsStore(out / STORE_NAME) as store:
         for shard in shards:
             with ResultsStore(shard / STORE_NAME) as source:
@@ -206,17 +206,46 @@ def apply_policy(results: Results, policy: Policy, out: str | Path, config_path:
 
 
 def check(out: str | Path, config: str | Path | None = None) -> tuple[Results, Verdict]:
-    """Re-apply a (possibly edited) policy to OUT/results.json without a GPU: rewrites
-    OUT/verdict.json and the reports. ``config``: the gate.yaml holding the policy (default: the
-    one the run used). Returns the results and the new verdict."""
+    """Re-apply a (possibly edited) policy to OUT/results.json: rewrites OUT/verdict.json and the reports.
+
+    Needs only the output folder: no suite or training file, checkpoint, base model or GPU stack.
+    The policy comes from ``config`` (a gate.yaml; only its policy keys are read), else from the
+    gate.yaml the run used, else, when that file is gone (a CI job holding only OUT), from the
+    policy the previous OUT/verdict.json recorded. Its gates are checked against the suites
+    results.json holds. Returns the results and the new verdict.
+    """
     out = Path(out)
     results = read_results(out / "results.json")
-    path = config or (Path(results.config) if results.config else find_config(None, None))
-    if results.config and not config and not Path(results.config).is_file():
-        raise ConfigError(results.config, ["the run's gate.yaml is gone; pass the policy with --config"])
-    loaded = load_config(path)
-    verdict = apply_policy(results, loaded.policy, out, str(path) if path else None)
+    policy, source = _policy_for(out, results, config)
+    verdict = apply_policy(results, policy, out, source)
     return results, verdict
+
+
+def _policy_for(out: Path, results: Results, config: str | Path | None) -> tuple[Policy, str | None]:
+    """The policy to re-apply, and where it came from (a gate.yaml, or OUT/verdict.json)."""
+    if config is not None:
+        return load_policy(config, results.suites), str(config)
+    if results.config and not Path(results.config).is_file():
+        return _recorded_policy(out, results.config), str(out / "verdict.json")
+    path = Path(results.config) if results.config else find_config(None, None)
+    return load_policy(path, results.suites), str(path) if path else None
+
+
+def _recorded_policy(out: Path, config: str) -> Policy:
+    """The policy the previous verdict applied (verdict.json's ``policy_spec``)."""
+    from gate.verdict import read_verdict
+
+    path = out / "verdict.json"
+    if not path.is_file():
+        raise ConfigError(config, [f"the run's gate.yaml is gone and {path} does not exist to re-apply its policy; pass the policy with --config"])
+    try:
+        spec = read_verdict(path).policy_spec
+    except GateError as err:
+        raise ConfigError(config, [f"the run's gate.yaml is gone, and the policy cannot be taken from {err}; or pass the policy with --config"]) from None
+    try:
+        return Policy.from_json(spec)
+    except (KeyError, TypeError, ValueError) as err:
+        raise GateError(f"{path}: its recorded policy is malformed ({err!r}); pass the policy with --config") from None
 
 
 def report(out: str | Path, *, results: Results | None = None, verdict: Verdict | None = None) -> dict[str, Path]:

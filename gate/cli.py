@@ -162,12 +162,13 @@ def merge_command(directory: Path | None, shards: tuple[Path, ...], config_path:
 
 @main.command("check")
 @click.argument("out_dir", metavar="OUT", type=click.Path(path_type=Path))
-@click.option("--config", "config_path", type=click.Path(path_type=Path), help="gate.yaml with the policy (default: the one the run used).")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help="gate.yaml with the policy (default: the one the run used, else the policy verdict.json recorded).")
 @_handle_errors
 def check_command(out_dir: Path, config_path: Path | None) -> None:
     """Re-apply a (possibly edited) policy to OUT/results.json, without a GPU.
 
-    Rewrites OUT/verdict.json and exits as `gate run` would: 0 a candidate is selected,
+    Needs only OUT: no suite file, checkpoint, base model or torch. Only gate.yaml's policy keys
+    are read. Rewrites OUT/verdict.json and the reports, and exits as `gate run` would: 0 a candidate is selected,
     1 none is, 2 invalid input or policy, 3 a checkpoint failed at run time.
     """
     results, verdict = gate.api.check(out_dir, config_path)
@@ -180,7 +181,7 @@ def check_command(out_dir: Path, config_path: Path | None) -> None:
 @click.argument("out_dir", metavar="OUT", type=click.Path(path_type=Path))
 @_handle_errors
 def report_command(out_dir: Path) -> None:
-    """Regenerate OUT/report.html, summary.md and junit.xml from results.json + verdict.json (no GPU)."""
+    """Regenerate OUT/report.html, summary.md and junit.xml from results.json + verdict.json alone (no GPU)."""
     gate.api.report(out_dir)
     _print_reports(out_dir)
 

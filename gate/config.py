@@ -52,8 +52,10 @@ from __future__ import annotations
 import difflib
 import math
 import re
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import yaml
 
@@ -108,6 +110,15 @@ PERPLEXITY_METRICS = ("perplexity", "bits_per_byte")
 SUITE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 DEFAULT_SUITES = ("known-good",)
 _KIND_NAMES = {str: "a string", int: "an integer", bool: "true or false"}
+
+
+class NamedSuite(Protocol):
+    """What the policy needs to know of a suite: gate.yaml's SuiteSpec, or results.json's SuiteInfo."""
+
+    name: str
+    type: str
+    metric: str | None
+    drift_k: int | None
 
 
 @dataclass
@@ -245,6 +256,15 @@ class Policy:
     reference: str | None = None
     """Also gate against this: ``release`` (the blessed release) or a checkpoint's name. None: the base only."""
 
+    def to_json(self) -> dict:
+        """Field by field: verdict.json records the policy it applied, and ``from_json`` reads it back exactly."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, obj: dict) -> Policy:
+        select = tuple(obj["select"]) if obj.get("select") else None
+        return cls(**{**obj, "gates": [Gate(**g) for g in obj["gates"]], "select": select})
+
     @property
     def ranking(self) -> tuple[str, str]:
         if self.select:
@@ -312,18 +332,7 @@ def load_config(path: str | Path | None) -> GateConfig:
         suites = [builtin_spec(n) for n in DEFAULT_SUITES]
         return GateConfig(suites=suites, policy=default_policy(suites))
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(str(path), ["file not found; pass an existing gate.yaml with --config"]) from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(str(path), [f"cannot be read ({err})"]) from None
-    except yaml.YAMLError as err:
-        raise ConfigError(str(path), [f"not valid YAML: {err}"]) from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(str(path), ["must be a mapping of keys (base, suites, ...)"])
+    raw = _read_yaml(path)
     problems: list[str] = []
     config = GateConfig(path=str(path))
     _unknown_keys(raw, TOP_KEYS, "", problems)
@@ -348,7 +357,51 @@ def load_config(path: str | Path | None) -> GateConfig:
     return config
 
 
-def _suites(value: object, folder: Path, problems: list[str]) -> list[SuiteSpec]:
+def load_policy(path: str | Path | None, suites: Sequence[NamedSuite] | None = None) -> Policy:
+    """Only the policy of gate.yaml (gates, select, alpha, confirm, seed, reference...); reads no data file.
+
+    The gates are checked against ``suites`` (anything with ``name``, ``type`` and ``drift_k``:
+    results.json's suites, which say what was scored) or, when None, against the suites gate.yaml
+    names (their types and drift settings as written there; no suite, task or training file is
+    opened). Without ``gates:``, the default policy of the suites gate.yaml names. ``path`` None:
+    the default policy of ``suites`` (of the built-in ones when None too).
+    Raises ConfigError listing every problem of the policy.
+    """
+    if path is None:
+        return default_policy(suites if suites is not None else [builtin_spec(n) for n in DEFAULT_SUITES])
+    path = Path(path)
+    raw = _read_yaml(path)
+    problems: list[str] = []
+    _unknown_keys(raw, TOP_KEYS, "", problems)
+    scope = "in results.json" if suites is not None else "configured"
+    declared = _suites(raw.get("suites"), path.parent.resolve(), problems, files=False)
+    _drift(raw, declared, problems)
+    _add_lines(path, declared, problems)
+    # Without `gates:`, the default policy is that of the suites as gate.yaml declares them (their metric).
+    policy = _policy(raw, declared if suites is None else suites, problems, scope, defaults=declared)
+    if problems:
+        raise ConfigError(str(path), problems)
+    return policy
+
+
+def _read_yaml(path: Path) -> dict:
+    """gate.yaml's top-level mapping, or a ConfigError naming the file."""
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(str(path), ["file not found; pass an existing gate.yaml with --config"]) from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(str(path), [f"cannot be read ({err})"]) from None
+    except yaml.YAMLError as err:
+        raise ConfigError(str(path), [f"not valid YAML: {err}"]) from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(str(path), ["must be a mapping of keys (base, suites, ...)"])
+    return raw
+
+
+def _suites(value: object, folder: Path, problems: list[str], files: bool = True) -> list[SuiteSpec]:
     if value is None:
         return [builtin_spec(n) for n in DEFAULT_SUITES]
     if not isinstance(value, list) or not value:
@@ -364,13 +417,14 @@ def _suites(value: object, folder: Path, problems: list[str]) -> list[SuiteSpec]
         if isinstance(name, str) and name in seen:
             problems.append(f"suites[{i}] ({name}).name: {name!r} is used twice; suite names must be unique")
         seen.add(name)
-        spec = _suite(entry, i, folder, problems)
+        spec = _suite(entry, i, folder, problems, files)
         if spec is not None:
             specs.append(spec)
     return specs
 
 
-def _suite(entry: dict, i: int, folder: Path, problems: list[str]) -> SuiteSpec | None:
+def _suite(entry: dict, i: int, folder: Path, problems: list[str], files: bool = True) -> SuiteSpec | None:
+    """One suite entry; ``files`` False: its path / task is taken as written, never looked up on disk."""
     _unknown_keys(entry, SUITE_KEYS, f"suites[{i}].", problems)
     name = _typed(entry, "name", str, None, f"suites[{i}].", problems)
     if not name:
@@ -409,11 +463,11 @@ def _suite(entry: dict, i: int, folder: Path, problems: list[str]) -> SuiteSpec 
     if kind == "perplexity":
         if spec.metric is not None and spec.metric not in PERPLEXITY_METRICS:
             problems.append(f"{where}metric: {spec.metric!r} is not one of {', '.join(PERPLEXITY_METRICS)}")
-        spec.path = _file(entry, "path", name, where, folder, problems, "the path of a JSONL file")
+        spec.path = _file(entry, "path", name, where, folder, problems, "the path of a JSONL file", files)
     elif kind == "generate":
         if spec.metric is not None and spec.metric not in GENERATE_METRICS:
             problems.append(f"{where}metric: {spec.metric!r} is not one of {', '.join(GENERATE_METRICS)}")
-        spec.path = _file(entry, "path", name, where, folder, problems, "the path of a JSONL file of prompts")
+        spec.path = _file(entry, "path", name, where, folder, problems, "the path of a JSONL file of prompts", files)
         spec.system = _typed(entry, "system", str, None, where, problems)
         tokens = _typed(entry, "max_new_tokens", int, DEFAULT_MAX_NEW_TOKENS, where, problems)
         if tokens <= 0:
@@ -423,7 +477,7 @@ def _suite(entry: dict, i: int, folder: Path, problems: list[str]) -> SuiteSpec 
     else:
         spec.system_instruction = _typed(entry, "system_instruction", str, None, where, problems)
         spec.gen_kwargs = _gen_kwargs(entry.get("gen_kwargs"), where, problems)
-        spec.task = _task(entry, where, folder, problems)
+        spec.task = _task(entry, where, folder, problems, files)
     return spec
 
 
@@ -453,24 +507,26 @@ def _drift(raw: dict, suites: list[SuiteSpec], problems: list[str]) -> None:
             spec.drift_k = k if k is not None else DEFAULT_DRIFT_K
 
 
-def _file(entry: dict, key: str, name: str, where: str, folder: Path, problems: list[str], what: str) -> str:
+def _file(entry: dict, key: str, name: str, where: str, folder: Path, problems: list[str], what: str, files: bool = True) -> str:
     value = _typed(entry, key, str, None, where, problems)
     if value is None:
         known = ", ".join(sorted(builtin_entries()))
         problems.append(f"{where}{key}: missing, and there is no built-in suite {name!r} (built-in: {known}); give {what}")
         return ""
     resolved = (folder / value).resolve()
-    if not resolved.is_file():
+    if files and not resolved.is_file():
         problems.append(f"{where}{key}: {resolved} does not exist; fix the path (relative to gate.yaml)")
     return str(resolved)
 
 
-def _task(entry: dict, where: str, folder: Path, problems: list[str]) -> str:
+def _task(entry: dict, where: str, folder: Path, problems: list[str], files: bool = True) -> str:
     value = _typed(entry, "task", str, None, where, problems)
     if value is None:
         problems.append(f"{where}task: missing; name a registered lm-eval task, or a task YAML or folder")
         return ""
     candidate = (folder / value).resolve()
+    if not files:
+        return value
     if candidate.exists():
         return str(candidate)
     if value.endswith((".yaml", ".yml")) or "/" in value or value.startswith("."):
@@ -529,7 +585,7 @@ def _contamination(value: object, suites: list[SuiteSpec], folder: Path, problem
     return Contamination(training_data=resolved, suites=[name for name in names if name in perplexity], n=n)
 
 
-def default_policy(suites: list[SuiteSpec]) -> Policy:
+def default_policy(suites: Sequence[NamedSuite]) -> Policy:
     """Without `gates:`: every perplexity suite is a guardrail that may not rise more than 5%."""
     gates = [
         Gate(suite=s.name, metric=s.metric or "perplexity", bound="max_increase", margin=DEFAULT_MAX_INCREASE, relative=True)
@@ -539,7 +595,11 @@ def default_policy(suites: list[SuiteSpec]) -> Policy:
     return Policy(gates=gates)
 
 
-def _policy(raw: dict, suites: list[SuiteSpec], problems: list[str]) -> Policy:
+def _policy(
+    raw: dict, suites: Sequence[NamedSuite], problems: list[str], scope: str = "configured", defaults: Sequence[NamedSuite] | None = None
+) -> Policy:
+    """The policy keys of gate.yaml, checked against ``suites`` (``scope``: where they come from, for
+    messages); without ``gates:``, the default policy of ``defaults`` (default: ``suites``)."""
     alpha = raw.get("alpha", 0.05)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 0.5:
         problems.append(f"alpha: must be a number between 0 and 0.5, not {alpha!r}")
@@ -551,19 +611,19 @@ def _policy(raw: dict, suites: list[SuiteSpec], problems: list[str]) -> Policy:
     seed = _typed(raw, "seed", int, 0, "", problems)
     iterations = _positive_int(raw, "bootstrap_iterations", 10_000, "", problems)
     if "gates" not in raw:
-        policy = default_policy(suites)
+        policy = default_policy(suites if defaults is None else defaults)
     else:
-        policy = Policy(gates=_gates(raw["gates"], suites, problems))
+        policy = Policy(gates=_gates(raw["gates"], suites, problems, scope))
     policy.alpha, policy.confirm, policy.seed, policy.bootstrap_iterations = float(alpha), confirm, seed, iterations
     policy.reference = _typed(raw, "reference", str, None, "", problems)
     select = raw.get("select")
     if select is not None:
-        parsed = _suite_metric(select, suites, "select", problems)
+        parsed = _suite_metric(select, suites, "select", problems, scope)
         policy.select = parsed
     return policy
 
 
-def _gates(value: object, suites: list[SuiteSpec], problems: list[str]) -> list[Gate]:
+def _gates(value: object, suites: Sequence[NamedSuite], problems: list[str], scope: str = "configured") -> list[Gate]:
     if not isinstance(value, list) or not value:
         problems.append("gates: must be a non-empty list of {suite, metric, <bound>: margin} entries")
         return []
@@ -574,7 +634,7 @@ def _gates(value: object, suites: list[SuiteSpec], problems: list[str]) -> list[
             problems.append(f"{where}: must be a mapping like {{suite: known-good, metric: perplexity, max_increase: 2%}}")
             continue
         _unknown_keys(entry, {*GATE_KEYS, *GATE_BOUNDS}, f"{where}.", problems)
-        suite_metric = _suite_metric(f"{entry.get('suite')}.{entry.get('metric')}", suites, where, problems)
+        suite_metric = _suite_metric(f"{entry.get('suite')}.{entry.get('metric')}", suites, where, problems, scope)
         bounds = [b for b in GATE_BOUNDS if b in entry]
         if len(bounds) != 1:
             problems.append(f"{where}: needs exactly one of {', '.join(GATE_BOUNDS)} (found {len(bounds)})")
@@ -630,7 +690,9 @@ def _margin(value: object, where: str, problems: list[str]) -> tuple[float | Non
     return number, relative
 
 
-def _suite_metric(text: object, suites: list[SuiteSpec], where: str, problems: list[str]) -> tuple[str, str] | None:
+def _suite_metric(
+    text: object, suites: Sequence[NamedSuite], where: str, problems: list[str], scope: str = "configured"
+) -> tuple[str, str] | None:
     if not isinstance(text, str) or "." not in text:
         problems.append(f"{where}: must name suite.metric, not {text!r}")
         return None
@@ -638,7 +700,10 @@ def _suite_metric(text: object, suites: list[SuiteSpec], where: str, problems: l
     spec = next((s for s in suites if s.name == suite), None)
     if spec is None:
         names = ", ".join(s.name for s in suites)
-        problems.append(f"{where}: suite {suite!r} is not configured (suites: {names})")
+        problems.append(f"{where}: suite {suite!r} is not {scope} (suites: {names})")
+        return None
+    if spec.type == "perplexity" and metric in DRIFT_METRICS and spec.drift_k is None and scope != "configured":
+        problems.append(f"{where}: suite {suite!r} was scored without drift, so it has no {metric!r}; add `drift: true` to it and re-run `gate run`")
         return None
     if spec.type == "perplexity" and metric in DRIFT_METRICS and spec.drift_k is None:
         problems.append(

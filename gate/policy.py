@@ -157,7 +157,16 @@ def references(policy: Policy, results: Results, release=None) -> list[Reference
 
 
 def evaluate(policy: Policy, results: Results, rng: np.random.Generator, release=None) -> Verdict:
-    """Apply the policy to results.json's numbers (and to the blessed release, when it is the reference)."""
+    """Apply the policy to results.json's numbers (and to the blessed release, when it is the reference).
+
+    The verdict records the policy itself (``policy_spec``), so it can be applied again without gate.yaml.
+    """
+    verdict = _evaluate(policy, results, rng, release)
+    verdict.policy_spec = policy.to_json()
+    return verdict
+
+
+def _evaluate(policy: Policy, results: Results, rng: np.random.Generator, release=None) -> Verdict:
     summary = _policy_summary(policy)
     if not policy.gates:
         return Verdict(VERDICT_SCHEMA_VERSION, None, "no_policy", "no gates configured: add `gates:` to gate.yaml", policy.alpha, summary, [])
@@ -279,6 +288,8 @@ def _check(policy: Policy, gate: Gate, lower_better: bool, ref: Reference, ckpt:
         reason="",
         against=ref.label,
         lower_is_better=lower_better,
+        threshold=threshold(gate.kind, lower_better, gate.margin),
+        cluster=gate.cluster,
     )
     if gate.suite in ref.incomparable:
         check.outcome = "error"
@@ -305,6 +316,7 @@ def _check(policy: Policy, gate: Gate, lower_better: bool, ref: Reference, ckpt:
         return check, None
     binary = data.transform == "binary" and data.clusters is None
     minimum = gate.min_items or (MIN_ITEMS_BINARY if binary else MIN_ITEMS_BOOTSTRAP)
+    check.min_items = minimum
     if data.units < minimum:
         # Too few items to certify anything; a regression can still be clear enough to fail.
         what = "clusters" if data.clusters is not None else "items"
@@ -347,6 +359,15 @@ def _plan(c: Check, estimate, family_level: float) -> None:
     c.items_needed = items_needed(estimate.dispersion, distance, family_level)
     c.power = 0.0 if (c.too_small or estimate.degenerate) else power_at(distance, estimate.se, family_level)
     c.underpowered = c.items_needed is not None and c.items_needed > c.units
+
+
+def _limit(c: Check) -> float | None:
+    """The check's threshold on the metric's own scale (floors: the limit itself); None without a base value."""
+    if c.kind == "floor":
+        return c.margin
+    if c.base_value is None or c.threshold is None:
+        return None
+    return c.base_value * (1 + c.threshold) if c.relative else c.base_value + c.threshold
 
 
 def threshold(kind: str, lower_is_better: bool, margin: float) -> float:
@@ -513,6 +534,7 @@ def _decide(policy: Policy, verdicts: list[CheckpointVerdict], tests: dict, fami
                 continue
             estimate = test.estimate(c.level, threshold(c.kind, c.lower_is_better, c.margin))
             c.base_value = None if math.isnan(estimate.base) else estimate.base  # floors have no base value
+            c.limit = _limit(c)
             c.value = estimate.value
             c.delta = estimate.value - estimate.base if c.kind != "floor" else None
             c.effect, c.low, c.high = estimate.effect, estimate.low, estimate.high

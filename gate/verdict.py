@@ -7,7 +7,7 @@ from pathlib import Path
 
 from gate.results import read_versioned_json, write_json_atomic
 
-VERDICT_SCHEMA_VERSION = 2
+VERDICT_SCHEMA_VERSION = 3
 OUTCOMES = ("selected", "no_candidate", "not_certified", "no_policy")
 
 
@@ -76,6 +76,17 @@ class Check:
     """The metric's direction (the gate's ``higher_is_better``, the suite type's, or lm-eval's)."""
     against: str = "base"
     """What the checkpoint is compared with: ``base``, or the reference (``release:NAME``, a checkpoint name)."""
+    threshold: float | None = None
+    """The gate on the effect's scale (signed, like ``effect``): it passes when the effect is established
+    beyond it (guardrails: +margin for lower-is-better metrics, -margin else; objectives: the opposite;
+    floors: the limit on the checkpoint's own value)."""
+    limit: float | None = None
+    """The threshold on the metric's own scale, where the reports draw it: base_value x (1 + threshold)
+    (relative) or base_value + threshold; floors: the limit. None when there is no base value."""
+    min_items: int | None = None
+    """The fewest items (clusters) the check needed to pass: the gate's ``min_items`` or gate.policy's default."""
+    cluster: str | None = None
+    """The item field the check resampled by (the gate's ``cluster:``); None: items are independent."""
 
 
 @dataclass
@@ -125,6 +136,9 @@ class Verdict:
     """Every checkpoint, in results order."""
     provenance: dict = field(default_factory=dict)
     """results.json it came from, gate version, time."""
+    policy_spec: dict = field(default_factory=dict)
+    """The policy applied, field by field (gate.config.Policy.to_json): what `gate check` re-applies when
+    the run's gate.yaml is gone and no --config is given."""
 
     def to_json(self) -> dict:
         return asdict(self)

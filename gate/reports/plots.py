@@ -6,8 +6,6 @@ import base64
 import io
 from dataclasses import dataclass
 
-from gate.config import GATE_BOUNDS
-from gate.policy import threshold
 from gate.reports.view import ReportView, finite, run_of
 
 
@@ -52,7 +50,7 @@ def build_plots(view: ReportView) -> list[Plot]:
 def _metric_plot(plt, view: ReportView, column):
     against, suite, metric, bound, margin = column.key
     points: dict[str, list] = {}
-    base_value = None
+    base_value = limit = None
     for verdict in view.verdict.checkpoints:
         check = next((c for c in verdict.checks if (c.against, c.suite, c.metric, c.bound, c.margin) == column.key), None)
         if check is None or verdict.step is None or not finite(check.value):
@@ -61,6 +59,8 @@ def _metric_plot(plt, view: ReportView, column):
         points.setdefault(run_of(verdict.name), []).append((verdict.step, check.value, low, high, verdict.name))
         if finite(check.base_value):
             base_value = check.base_value
+        if finite(check.limit):
+            limit = check.limit  # recorded by the policy: the reports never recompute a threshold
     if not points:
         return None
     fig, ax = plt.subplots(figsize=(6.4, 3.2), dpi=100)
@@ -74,11 +74,8 @@ def _metric_plot(plt, view: ReportView, column):
                 ax.plot([step], [value], marker="*", markersize=16, color="black", linestyle="none", label="selected")
     if base_value is not None:
         ax.axhline(base_value, color="grey", linestyle="--", linewidth=1, label="base")
-        limit = _limit(base_value, bound, margin, metric, column.relative)
-        if limit is not None:
-            ax.axhline(limit, color="#c0392b", linestyle=":", linewidth=1, label="margin")
-    elif bound in ("min", "max"):
-        ax.axhline(margin, color="#c0392b", linestyle=":", linewidth=1, label=bound)
+    if limit is not None:
+        ax.axhline(limit, color="#c0392b", linestyle=":", linewidth=1, label=bound if bound in ("min", "max") else "margin")
     values = [r[1] for rows in points.values() for r in rows] + ([base_value] if base_value else [])
     if min(values) > 0 and max(values) / min(values) > 10:
         ax.set_yscale("log")  # one collapsed run must not flatten the others and the base line
@@ -127,15 +124,6 @@ def _value_bounds(check) -> tuple[float, float]:
     if check.relative:
         return check.base_value * (1 + check.low), check.base_value * (1 + check.high)
     return check.base_value + check.low, check.base_value + check.high
-
-
-def _limit(base: float, bound: str, margin: float, metric: str, relative: bool) -> float | None:
-    """Where the margin lies on the metric's own scale."""
-    kind = GATE_BOUNDS[bound][0]
-    if kind == "floor":
-        return None
-    t = threshold(kind, GATE_BOUNDS[bound][1], margin)  # the bound implies the direction (max_increase: lower is better)
-    return base * (1 + t) if relative else base + t
 
 
 def _loss_plot(plt, view: ReportView):
