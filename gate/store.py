@@ -24,8 +24,8 @@ top1_matches and the most drifted tokens as JSON).
 from __future__ import annotations
 
 import datetime as dt
-import json
 import fcntl
+import json
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path

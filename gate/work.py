@@ -11,9 +11,10 @@ the store and the list; Ray workers and ``gate merge`` take slices of one list. 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal, Mapping
+from typing import Literal
 
 from gate.config import Funnel
 from gate.errors import EXIT_INVALID_INPUT, ConfigError, GateError

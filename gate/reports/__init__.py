@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from gate.errors import RunFailure
 from gate.reports.html import render_html
 from gate.reports.junit import render_junit
 from gate.reports.markdown import MARKER, render_markdown
 from gate.reports.view import ReportView, build_view
-from gate.errors import RunFailure
 from gate.results import Results
 from gate.verdict import Verdict
 

@@ -8,8 +8,8 @@ included, the stop token itself excluded), as valid UTF-8.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

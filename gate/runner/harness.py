@@ -273,9 +273,7 @@ def _text(value) -> str | None:
 
 
 def _record(values: dict, metric: str, suffix: str, value) -> None:
-    if isinstance(value, bool):
-        values[metric + suffix] = float(value)
-    elif isinstance(value, (int, float)):
+    if isinstance(value, (bool, int, float)):
         values[metric + suffix] = float(value)
     elif isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value):
         # Rolling log-likelihood metrics carry (loglikelihood, words or bytes) per document.

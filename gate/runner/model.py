@@ -415,7 +415,7 @@ def tokenizer_problem(ckpt: Checkpoint, base_tokenizer, base_vocab_size: int, tr
         path = Path(ckpt.path) / ADAPTER_SAFETENSORS
         if path.is_file():
             with safe_open(str(path), framework="pt") as fh:
-                for key in fh.keys():
+                for key in fh.keys():  # noqa: SIM118 - safetensors' handle is no dict
                     if ("embed_tokens" in key or "lm_head" in key) and "lora_" not in key:
                         rows = fh.get_slice(key).get_shape()[0]
                         if rows != base_vocab_size:

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -42,8 +42,8 @@ from gate.results import Drift, RunSettings, SuiteInfo, SuiteScore
 from gate.runner import generate as generation
 from gate.runner import harness
 from gate.runner import model as models
-from gate.runner.perplexity import SCORING_VERSION, DriftReference, DriftRun, encode_suite, score_documents
 from gate.runner import perplexity as ppl
+from gate.runner.perplexity import SCORING_VERSION, DriftReference, DriftRun, encode_suite, score_documents
 from gate.scan import Checkpoint
 from gate.store import ResultsStore, ScoreIdentity, ScoreProvenance
 from gate.work import Facts, Failure, WorkItem, WorkList
