@@ -76,8 +76,11 @@ def run(
         raise ConfigError(None, [f"executor {executor!r}: use local or ray"])
     if on_results is not None:
         on_results(outcome)
-    verdict = None if shard else apply_policy(outcome.results, request.policy, out, request.config_path)
-    return Run(outcome.results, verdict, outcome)
+    results = outcome.results
+    assert results is not None, "a finished run has assembled its results"
+    policy = request.policy if request.policy is not None else load_policy(None, results.suites)
+    verdict = None if shard else apply_policy(results, policy, out, request.config_path)
+    return Run(results, verdict, outcome)
 
 
 def merge(shards: list[str | Path], out: str | Path = "reports", config: str | Path | None = None) -> Run:
@@ -95,30 +98,30 @@ def merge(shards: list[str | Path], out: str | Path = "reports", config: str | P
 
     if not shards:
         raise GateError("gate merge: no shard given; pass --from DIR for each `gate run --shard I/N` output folder")
-    out, shards = Path(out), [Path(s) for s in shards]
+    out_dir, folders = Path(out), [Path(s) for s in shards]
     failures = []
-    for shard in shards:
+    for shard in folders:
         # A shard's results.json is written last: without it the shard did not finish.
         recorded = read_results(shard / RESULTS_NAME)
         failures += [Failure(c.name, c.reason or "", c.error_code or EXIT_RUNTIME_FAILURE) for c in recorded.checkpoints if c.status == "error"]
         if not (shard / STORE_NAME).is_file():
             raise GateError(f"{shard / STORE_NAME}: not found; pass the output folders of `gate run --shard I/N`")
-    works = [read_work(s / WORK_NAME) for s in shards]
-    _check_one_plan(shards, works)
+    works = [read_work(s / WORK_NAME) for s in folders]
+    _check_one_plan(folders, works)
     work = works[0]
     policy_path = Path(config) if config else (Path(work.config) if work.config else find_config(None, None))
     if work.config and not config and not Path(work.config).is_file():
         raise ConfigError(work.config, ["the shards' gate.yaml is gone; pass the policy with --config"])
     policy = load_policy(policy_path, work.suites)  # only its policy keys: no suite file is opened
-    with ResultsStore(out / STORE_NAME) as store:
-        for shard in shards:
+    with ResultsStore(out_dir / STORE_NAME) as store:
+        for shard in folders:
             with ResultsStore(shard / STORE_NAME) as source:
                 store.import_rows(source.export(source.keys()))
-        write_work(out / WORK_NAME, work)
+        write_work(out_dir / WORK_NAME, work)
         results = assemble(work, store, _first_each(failures))
-    write_results(out / RESULTS_NAME, results)
-    done = outcome(work, results, out / RESULTS_NAME)
-    verdict = apply_policy(results, policy, out, str(policy_path) if policy_path else None)
+    write_results(out_dir / RESULTS_NAME, results)
+    done = outcome(work, results, out_dir / RESULTS_NAME)
+    verdict = apply_policy(results, policy, out_dir, str(policy_path) if policy_path else None)
     return Run(results, verdict, done)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,8 +51,8 @@ class RunOutcome:
 def assemble(
     work: WorkList,
     store: ResultsStore,
-    failures: list[Failure] = (),
-    skipped: list[WorkItem] = (),
+    failures: Sequence[Failure] = (),
+    skipped: Sequence[WorkItem] = (),
     created_at: str | None = None,
 ) -> Results:
     """results.json from the store: every item's score under its key, failures and funnel skips marked.
@@ -128,7 +129,7 @@ def outcome(
     work: WorkList,
     results: Results,
     results_path: Path,
-    computed: list[tuple[str, str]] = (),
+    computed: Sequence[tuple[str, str]] = (),
     base_loads: int = 0,
     rescoring: str | None = None,
 ) -> RunOutcome:

@@ -328,7 +328,7 @@ def _run(directory: Path, *, config_path: Path | None, out_dir: Path, quiet: boo
             out_dir,
             progress=no_progress if quiet else renderer,
             command=shlex.join(["gate", *sys.argv[1:]]),
-            on_results=lambda outcome: (renderer.close(), _print_run(outcome)),
+            on_results=functools.partial(_close_and_print, renderer),
             **options,
         )
     finally:
@@ -393,6 +393,12 @@ def _print_scan(report: ScanReport) -> None:
         status = "ok" if c.ok else f"INVALID: {c.reason}"
         click.echo(f"{c.name:<{width}}  {c.kind:<4}  {step:>6}  {status}")
     click.echo(f"{len(report.valid)} valid, {len(report.invalid)} invalid")
+
+
+def _close_and_print(renderer: _ProgressRenderer, outcome) -> None:
+    """The run's table, once the progress display is gone."""
+    renderer.close()
+    _print_run(outcome)
 
 
 def _print_run(outcome) -> None:

@@ -8,6 +8,7 @@ slice of the one list; each ends in the same assembly from the store.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 
 from gate.assemble import RunOutcome, assemble, outcome, rescoring
@@ -81,7 +82,7 @@ def finish(
     computed: list,
     base_loads: int,
     note: str | None,
-    notices: list[str] = (),
+    notices: Sequence[str] = (),
 ) -> RunOutcome:
     """Write results.json and say what the run did."""
     path = Path(out_dir) / RESULTS_NAME

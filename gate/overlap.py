@@ -121,7 +121,7 @@ def _jsonl_rows(path: Path, raw: str, fix: str):
         if line.strip():
             try:
                 yield number, json.loads(line)
-            except ValueError as err:
+            except json.JSONDecodeError as err:
                 raise SuiteError(f"{path}:{number}: not valid JSON ({err.msg}); {fix}") from None
 
 

@@ -114,14 +114,14 @@ class SuiteScore:
         """sum_d kl_sum_d / sum_d tokens_d: mean KL(base || checkpoint) per scored token, nats."""
         if self.drift is None:
             return None
-        return math.fsum(d.kl_sum for d in self.documents) / self.tokens
+        return math.fsum(d.kl_sum or 0.0 for d in self.documents) / self.tokens
 
     @property
     def top1(self) -> float | None:
         """sum_d top1_matches_d / sum_d tokens_d: share of scored tokens whose most likely next token agrees."""
         if self.drift is None:
             return None
-        return sum(d.top1_matches for d in self.documents) / self.tokens
+        return sum(d.top1_matches or 0 for d in self.documents) / self.tokens
 
     @property
     def perplexity(self) -> float:
@@ -438,11 +438,12 @@ def version_conflicts(results: Results, release: ModelResult | None = None) -> l
     only, as it does not touch the base). Scores that record no versions are not checked.
     """
     conflicts = []
-    reference = {**results.base.scores, **results.base.tasks}
+    reference: dict[str, SuiteScore | TaskScore] = {**results.base.scores, **results.base.tasks}
     others = [c for c in results.checkpoints if c.status == "ok"] + ([release] if release is not None else [])
     for model in others:
         label = "the release" if model is release else model.name
-        for suite, score in {**model.scores, **model.tasks}.items():
+        scores: dict[str, SuiteScore | TaskScore] = {**model.scores, **model.tasks}
+        for suite, score in scores.items():
             base = reference.get(suite)
             if base is None or not base.libraries or not score.libraries:
                 continue

@@ -18,7 +18,9 @@ lies beyond a threshold exactly when the matching test rejects at that level.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy import special
@@ -398,7 +400,8 @@ class PairedBootstrap:
         low = self.theta - self.se * max(self.t_stats[len(self.t_stats) - 1 - allowed], student)
         high = self.theta - self.se * min(self.t_stats[allowed], -student)
         # Replicates with no spread give T* = +-inf: that side then has no finite bound.
-        return tuple(self._effect_of(b) if math.isfinite(b) and abs(b) < 700 else None for b in (low, high))
+        low_effect, high_effect = (self._effect_of(b) if math.isfinite(b) and abs(b) < 700 else None for b in (low, high))
+        return low_effect, high_effect
 
     def estimate(self, level: float, threshold: float = 0.0) -> Estimate:
         low, high = self._bounds(level)
@@ -576,7 +579,7 @@ _DERIVATIVES = {
 }
 """f' of each transform (the delta method's derivative)."""
 
-_TRANSFORMS = {
+_TRANSFORMS: dict[str, Callable[[Any], Any]] = {
     "exp": np.exp,
     "bits": lambda u: u / math.log(2),
     "identity": lambda u: u,

@@ -11,7 +11,7 @@ the store and the list; Ray workers and ``gate merge`` take slices of one list. 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -246,7 +246,7 @@ def plan(request: RunRequest, facts: Facts) -> WorkList:
                 numbers_settings = {**key_settings, "drift_reference": base_keys[name]}
             identity = ScoreIdentity(
                 base_hash=None if is_full else facts.base_hash,
-                model_hash=model.weights_hash,
+                model_hash=model.weights_hash or "",  # a valid model always has one
                 tokenizer_hash=tok_hash,
                 suite_identity=suite_identity,
                 settings=numbers_settings,
@@ -331,7 +331,7 @@ def missing(work: WorkList, stored_keys: set[str] | frozenset[str]) -> list[Work
     return [i for i in work.items if i.key not in stored_keys]
 
 
-def funnel_selection(funnel: Funnel, candidates: list[tuple[str, int | None, object]]) -> set[str]:
+def funnel_selection(funnel: Funnel, candidates: Sequence[tuple[str, int | None, SuiteScore | None]]) -> set[str]:
     """Names of the top_k candidates (name, step, perplexity SuiteScore or None) by the funnel's
     metric, lower first; ties go to the earlier step. Candidates without a score are never kept."""
     ranked = []
