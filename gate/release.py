@@ -71,6 +71,7 @@ def read_release(out_dir: Path) -> Release:
         RELEASE_SCHEMA_VERSION,
         f"no blessed release; run `gate bless NAME --out {out_dir}` for the checkpoint you shipped",
         "bless the release again",
+        Release,
     )
     return Release(
         name=obj["name"],

@@ -11,6 +11,7 @@ where nll_d is the summed negative natural-log likelihood of document d's scored
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -488,8 +489,14 @@ def write_json_atomic(path: str | Path, obj: dict) -> None:
         raise
 
 
-def read_versioned_json(path: str | Path, version: int, missing: str, fix: str) -> dict:
-    """Read one of gate's JSON documents; refuse a missing, unreadable or other-version file."""
+def read_versioned_json(path: str | Path, version: int, missing: str, fix: str, shape: type | None = None) -> dict:
+    """Read one of gate's JSON documents; refuse a missing, unreadable or other-version file.
+
+    With ``shape`` (the document's dataclass), the document is also checked against it, field by
+    field, before anything reads it: a wrong type or a missing field deep inside is refused with
+    its field path (``checkpoints[2].scores.known-good.documents[4].nll: ...``), not met later as a
+    crash.
+    """
     path = Path(path)
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
@@ -500,7 +507,44 @@ def read_versioned_json(path: str | Path, version: int, missing: str, fix: str) 
     found = obj.get("schema_version") if isinstance(obj, dict) else None
     if found != version:
         raise GateError(f"{path}: schema_version {found!r} is not {version}; it was written by another gate version: {fix}")
+    if shape is not None:
+        check_shape(path, obj, shape, fix)
     return obj
+
+
+@functools.cache
+def _validator(shape: type):
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(shape)
+
+
+def check_shape(path: str | Path, obj: object, shape: type, fix: str) -> None:
+    """Check a decoded document against its dataclass (pydantic, lax: 3.0 is an int, extra keys such
+    as derived figures are ignored); the first problem, with its field path, as a GateError."""
+    from pydantic import ValidationError
+
+    try:
+        _validator(shape).validate_python(obj)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = field_path(first["loc"])
+        got = "" if first["type"] == "missing" else f", got {_short(first.get('input'))}"
+        more = f" (and {err.error_count() - 1} more problem(s))" if err.error_count() > 1 else ""
+        raise GateError(f"{path}: {where}: {first['msg'].lower()}{got}{more}; {fix}") from None
+
+
+def field_path(loc: tuple) -> str:
+    """('checkpoints', 2, 'scores', 'known-good', 'nll') -> checkpoints[2].scores.known-good.nll"""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(the document)"
+
+
+def _short(value: object) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def load_results(out: str | Path) -> Results:
@@ -512,7 +556,7 @@ def load_results(out: str | Path) -> Results:
 def read_results(path: str | Path) -> Results:
     """Read results.json; refuses unknown schema versions with a message saying what to do."""
     obj = read_versioned_json(
-        path, SCHEMA_VERSION, "not found; run `gate run` first to produce it", "re-run `gate run` to rewrite it"
+        path, SCHEMA_VERSION, "not found; run `gate run` first to produce it", "re-run `gate run` to rewrite it", Results
     )
     try:
         return Results.from_json(obj)

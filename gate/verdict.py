@@ -170,6 +170,6 @@ def write_verdict(path: str | Path, verdict: Verdict) -> None:
 
 def read_verdict(path: str | Path) -> Verdict:
     obj = read_versioned_json(
-        path, VERDICT_SCHEMA_VERSION, "not found; run `gate run` or `gate check` first", "re-run `gate check` to rewrite it"
+        path, VERDICT_SCHEMA_VERSION, "not found; run `gate run` or `gate check` first", "re-run `gate check` to rewrite it", Verdict
     )
     return Verdict.from_json(obj)

@@ -66,7 +66,7 @@ def test_non_finite_numbers_are_never_written(tmp_path):
     [
         ('{"schema_version": 99}', "schema_version 99 is not 1"),
         ("{not json", "unreadable"),
-        ('{"schema_version": 1}', "malformed"),
+        ('{"schema_version": 1}', r"results.json: gate_version: field required \(and 7 more problem\(s\)\); re-run `gate run`"),
     ],
 )
 def test_unreadable_results(tmp_path, content, fragment):
@@ -79,3 +79,40 @@ def test_unreadable_results(tmp_path, content, fragment):
 def test_missing_results(tmp_path):
     with pytest.raises(GateError, match="run `gate run` first"):
         read_results(tmp_path / "results.json")
+
+
+@pytest.mark.parametrize(
+    "breakage,expected",
+    [
+        (lambda d: d["checkpoints"][0]["scores"]["s"]["documents"][1].update(nll="x"),
+         "checkpoints[0].scores.s.documents[1].nll: input should be a valid number, unable to parse string as a number, got \"x\""),
+        (lambda d: d["checkpoints"][1].pop("kind"), "checkpoints[1].kind: field required"),
+        (lambda d: d["base"]["scores"]["s"]["documents"][0].update(tokens=[2]), "base.scores.s.documents[0].tokens: input should be a valid integer, got [2]"),
+        (lambda d: d.update(suites={"s": 1}), "suites: input should be a valid list, got {\"s\": 1}"),
+    ],
+)
+def test_a_broken_document_is_refused_with_its_field_path(tmp_path, breakage, expected):
+    """One message with the path to the bad field (not `malformed (KeyError(...))`), exit 2 through the CLI."""
+    from click.testing import CliRunner
+
+    from gate.cli import main
+
+    path = tmp_path / "results.json"
+    write_results(path, make_results())
+    document = json.loads(path.read_text())
+    breakage(document)
+    path.write_text(json.dumps(document))
+    with pytest.raises(GateError) as err:
+        read_results(path)
+    assert str(err.value) == f"{path}: {expected}; re-run `gate run` to rewrite it"
+    result = CliRunner().invoke(main, ["export", str(tmp_path)])
+    assert result.exit_code == 2 and f"error: {path}: {expected}" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_field_paths_read_as_written():
+    from gate.results import field_path
+
+    assert field_path(("checkpoints", 2, "scores", "known-good", "documents", 4, "nll")) == "checkpoints[2].scores.known-good.documents[4].nll"
+    assert field_path((3,)) == "[3]"
+    assert field_path(()) == "(the document)"
