@@ -60,6 +60,7 @@ from typing import Protocol
 import yaml
 
 from gate.errors import ConfigError
+from gate.kinds import Bound, SuiteType
 from gate.overlap import DEFAULT_N
 from gate.probes import DEFAULT_DETECTORS, DEFAULT_MAX_NEW_TOKENS, GENERATE_METRICS
 from gate.suites import builtin_entries, builtin_suites_dir
@@ -116,7 +117,7 @@ class NamedSuite(Protocol):
     """What the policy needs to know of a suite: gate.yaml's SuiteSpec, or results.json's SuiteInfo."""
 
     name: str
-    type: str
+    type: SuiteType
     metric: str | None
     drift_k: int | None
 
@@ -127,7 +128,7 @@ class SuiteSpec:
 
     name: str
     """Unique name; results and policy refer to the suite by it."""
-    type: str = "perplexity"
+    type: SuiteType = "perplexity"
     """``perplexity`` (JSONL documents scored by gate) or ``lm_eval`` (an lm-evaluation-harness task)."""
     path: str = ""
     """perplexity: absolute path of the JSONL file (resolved against gate.yaml's folder)."""
@@ -192,7 +193,7 @@ class Gate:
     """Suite name."""
     metric: str
     """Metric of that suite (perplexity, bits_per_byte, acc, ...)."""
-    bound: str
+    bound: Bound
     """max_increase | max_drop (guardrails), min_decrease | min_gain (objectives), min | max (floors)."""
     margin: float
     """The margin (>= 0) or, for floors, the limit value."""

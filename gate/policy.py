@@ -32,6 +32,7 @@ import numpy as np
 
 from gate.config import DRIFT_METRICS, GATE_BOUNDS, LOWER_IS_BETTER, Gate, Policy, known_direction
 from gate.errors import GateError
+from gate.kinds import CheckOutcome, CheckpointOutcome
 from gate.results import ModelResult, Results
 from gate.stats import (
     BinomialValue,
@@ -566,10 +567,13 @@ def _conclude(v: CheckpointVerdict) -> None:
     deciding = [c for c in v.checks if not c.informational]
     powers = [c.power for c in deciding]
     v.p_all_pass = math.prod(powers) if powers and all(p is not None for p in powers) else None
-    for outcome in ("error", "fail", "inconclusive", "skipped"):
+    worst: tuple[tuple[CheckOutcome, CheckpointOutcome], ...] = (
+        ("error", "error"), ("fail", "fail"), ("inconclusive", "inconclusive"), ("skipped", "inconclusive")
+    )
+    for outcome, verdict in worst:
         hit = [c for c in deciding if c.outcome == outcome]
         if hit:
-            v.verdict = "inconclusive" if outcome == "skipped" else outcome
+            v.verdict = verdict
             v.reason = f"{_prefix(hit[0])}{hit[0].suite}.{hit[0].metric}: {hit[0].reason}"
             return
     v.verdict, v.reason = "pass", "every gate passes"

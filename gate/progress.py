@@ -5,12 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from gate.kinds import ProgressKind
+
 
 @dataclass
 class ProgressEvent:
     """One step of a long run."""
 
-    kind: str
+    kind: ProgressKind
     """``stage`` (a message), ``start`` (a model x suite begins), ``advance`` (documents done), ``done``."""
     message: str = ""
     """What is happening, for ``stage`` events."""

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from gate.errors import GateError, RunFailure
+from gate.kinds import ModelKind, ModelStatus, SuiteType
 from gate.overlap import Overlap
 
 SCHEMA_VERSION = 1
@@ -237,11 +238,11 @@ class ModelResult:
 
     name: str
     """Checkpoint name (path relative to the scanned folder); ``base`` for the base model."""
-    kind: str
+    kind: ModelKind
     """``base``, ``lora`` or ``full``."""
     path: str
     """Where it was loaded from (a folder, or a hub id for the base)."""
-    status: str = "ok"
+    status: ModelStatus = "ok"
     """``ok``; ``invalid`` (rejected by the scanner); ``error`` (failed to load or score)."""
     reason: str | None = None
     """For invalid/error: what went wrong and how to fix it."""
@@ -286,7 +287,7 @@ class SuiteInfo:
 
     name: str
     """Suite name."""
-    type: str
+    type: SuiteType
     """``perplexity``, ``lm_eval`` or ``generate``."""
     path: str
     """perplexity, generate: the data file; lm_eval: the task (registered name, YAML or folder)."""

@@ -18,9 +18,11 @@ import struct
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Literal
 
 from gate.errors import CheckpointError
 from gate.hashing import HashCache, file_fingerprint, sha256_files
+from gate.kinds import CheckpointKind
 
 # The Trainer's checkpoint-N and torchtune's epoch_N: the number is the step (torchtune: the epoch).
 CHECKPOINT_DIR = re.compile(r"^(?:checkpoint-|epoch_)(\d+)$")
@@ -62,9 +64,9 @@ class Checkpoint:
     """Path relative to the scanned folder, e.g. ``run-a/checkpoint-200``; stable across machines."""
     path: str
     """Absolute path of the checkpoint folder."""
-    kind: str
+    kind: CheckpointKind
     """``lora`` (a peft LoRA adapter) or ``full`` (a complete set of model weights)."""
-    status: str = "ok"
+    status: Literal["ok", "invalid"] = "ok"
     """``ok`` or ``invalid``."""
     reason: str | None = None
     """Why it is invalid and how to fix it; None when ok."""
@@ -220,7 +222,7 @@ def _inspect(
 ) -> Checkpoint | None:
     name = root.name if folder == root else folder.relative_to(root).as_posix()
     files = {p.name for p in folder.iterdir() if p.is_file()}
-    kind = "lora" if ADAPTER_CONFIG in files else "full"
+    kind: CheckpointKind = "lora" if ADAPTER_CONFIG in files else "full"
     ckpt = Checkpoint(name=name, path=str(folder), kind=kind)
     ckpt.has_tokenizer = bool(files & {"tokenizer.json", "tokenizer.model", "vocab.json"})
     _read_trainer_state(folder, ckpt, warnings)

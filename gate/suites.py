@@ -19,6 +19,7 @@ from pathlib import Path
 
 from gate.errors import SuiteError
 from gate.hashing import sha256_bytes, sha256_json
+from gate.kinds import DocumentShape
 
 ALLOWED_KEYS = {"id", "text", "prompt", "completion", "messages", "meta"}
 MAX_REPORTED_PROBLEMS = 20
@@ -30,7 +31,7 @@ class Document:
 
     id: str
     """Stable identifier: the line's ``id``, else ``h:`` + a hash of the content."""
-    shape: str
+    shape: DocumentShape
     """``text``, ``prompt`` (prompt + completion) or ``messages``."""
     text: str | None = None
     """The whole text, for shape ``text``."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from gate.kinds import Bound, CheckOutcome, CheckpointOutcome, GateKind, VerdictOutcome
 from gate.results import read_versioned_json, write_json_atomic
 
 VERDICT_SCHEMA_VERSION = 3
@@ -19,9 +20,9 @@ class Check:
     """Suite name."""
     metric: str
     """Metric name."""
-    kind: str
+    kind: GateKind
     """guardrail | objective | floor."""
-    bound: str
+    bound: Bound
     """max_increase | max_drop | min_decrease | min_gain | min | max."""
     margin: float
     """The gate's margin (or the floor's limit)."""
@@ -29,7 +30,7 @@ class Check:
     """Margin and effect are relative to the base's value (effect = value / base - 1)."""
     informational: bool
     """Reported, never decides."""
-    outcome: str
+    outcome: CheckOutcome
     """pass | fail | inconclusive | skipped | error."""
     reason: str
     """One line a person can read."""
@@ -97,7 +98,7 @@ class CheckpointVerdict:
     """Checkpoint name."""
     step: int | None
     """Training step."""
-    verdict: str
+    verdict: CheckpointOutcome
     """pass | fail | inconclusive | error."""
     reason: str
     """One line: why."""
@@ -124,7 +125,7 @@ class Verdict:
     """Version of this schema."""
     selected: str | None
     """The release candidate, or None."""
-    outcome: str
+    outcome: VerdictOutcome
     """selected | no_candidate | not_certified | no_policy."""
     reason: str
     """One line for people."""
