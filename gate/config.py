@@ -275,6 +275,36 @@ class Policy:
         return first.suite, first.metric
 
 
+@dataclass(frozen=True)
+class RunOptions:
+    """How models are loaded and scored, declared once: gate.yaml's top-level keys (the first five),
+    `gate run`'s options and ``gate.run``'s keywords are these fields (tests/test_config.py checks
+    that they stay so), and the run request carries them."""
+
+    device: str = "auto"
+    """auto (cuda when available, else cpu), cpu, cuda, cuda:N or mps."""
+    dtype: str = "auto"
+    """Weights dtype: auto is bfloat16 on CUDA (float16 where bf16 is unsupported), float32 on CPU."""
+    batch_size: int = 8
+    """Sequences per forward pass (halved automatically on CUDA out-of-memory)."""
+    max_length: int | None = None
+    """Tokens per scored window; None: the model's context size, capped at 2048."""
+    stride: int | None = None
+    """Sliding-window step for documents longer than max_length; None: max_length // 2."""
+    limit: int | None = None
+    """Only the first N documents of every suite: a quick run, marked partial (not in gate.yaml)."""
+    allow_pickle: bool = False
+    """Accept pickled (.bin/.pt) weights, which can run code when loaded (not in gate.yaml)."""
+    trust_remote_code: bool = False
+    """Run model code shipped with the base (not in gate.yaml)."""
+    online: bool = False
+    """Allow contacting the Hugging Face hub to resolve a hub id (not in gate.yaml)."""
+
+
+YAML_OPTIONS = ("device", "dtype", "batch_size", "max_length", "stride")
+"""The run options gate.yaml may set (the others are choices of one invocation, or of its machine)."""
+
+
 @dataclass
 class GateConfig:
     """The whole configuration of a run."""
@@ -285,16 +315,8 @@ class GateConfig:
     """Base model: a local folder or a hub id; None takes the base the adapters name."""
     suites: list[SuiteSpec] = field(default_factory=list)
     """Suites to score every model on."""
-    device: str = "auto"
-    """Where to run: auto picks cuda when available, else cpu."""
-    dtype: str = "auto"
-    """Weights dtype: auto is bfloat16 on CUDA (float16 where bf16 is unsupported), float32 on CPU."""
-    batch_size: int = 8
-    """Sequences per forward pass (halved automatically on CUDA out-of-memory)."""
-    max_length: int | None = None
-    """Tokens per scored window; None uses the model's context size."""
-    stride: int | None = None
-    """Sliding-window step for documents longer than max_length; None uses max_length // 2."""
+    options: RunOptions = field(default_factory=RunOptions)
+    """gate.yaml's run options (``YAML_OPTIONS``); the others keep their defaults here."""
     funnel: Funnel | None = None
     """Cheap checks on every checkpoint, lm_eval suites on the top k only."""
     contamination: Contamination | None = None
@@ -338,14 +360,16 @@ def load_config(path: str | Path | None) -> GateConfig:
     config = GateConfig(path=str(path))
     _unknown_keys(raw, TOP_KEYS, "", problems)
     config.base = _typed(raw, "base", str, None, "", problems)
-    config.device = _typed(raw, "device", str, "auto", "", problems)
     dtype = _typed(raw, "dtype", str, "auto", "", problems)
     if dtype not in DTYPES:
         problems.append(f"dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
-    config.dtype = dtype
-    config.batch_size = _positive_int(raw, "batch_size", 8, "", problems)
-    config.max_length = _positive_int(raw, "max_length", None, "", problems)
-    config.stride = _positive_int(raw, "stride", None, "", problems)
+    config.options = RunOptions(
+        device=_typed(raw, "device", str, "auto", "", problems),
+        dtype=dtype,
+        batch_size=_positive_int(raw, "batch_size", 8, "", problems),
+        max_length=_positive_int(raw, "max_length", None, "", problems),
+        stride=_positive_int(raw, "stride", None, "", problems),
+    )
     config.suites = _suites(raw.get("suites"), path.parent.resolve(), problems)
     _drift(raw, config.suites, problems)
     config.funnel = _funnel(raw.get("funnel"), config.suites, problems)

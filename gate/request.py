@@ -7,7 +7,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gate.config import Funnel, GateConfig, Policy, SuiteSpec, builtin_spec, find_config, load_config
+from gate.config import Funnel, GateConfig, Policy, RunOptions, SuiteSpec, builtin_spec, find_config, load_config
 from gate.errors import BaseModelError, CheckpointError, SuiteError
 from gate.overlap import Overlap, index_training_file, overlap, suite_file_segments, suite_segments
 from gate.probes import ProbeSuite, load_probe_suite
@@ -34,22 +34,8 @@ class RunRequest:
     """Base model: a local folder or a hub id."""
     out_dir: Path = Path("reports")
     """Output folder: results.json and the results store live here."""
-    device: str = "auto"
-    """auto, cpu, cuda, cuda:N or mps."""
-    dtype: str = "auto"
-    """auto, float32, bfloat16 or float16."""
-    batch_size: int = 8
-    """Sequences per forward pass."""
-    max_length: int | None = None
-    """Tokens per scored window; None: the model's context, capped at 2048."""
-    stride: int | None = None
-    """Sliding-window step; None: max_length // 2."""
-    allow_pickle: bool = False
-    """Permit pickled (.bin) weights, which can run code when loaded."""
-    trust_remote_code: bool = False
-    """Permit model code shipped with the base (runs that code)."""
-    online: bool = False
-    """Permit the Hugging Face hub to be contacted to resolve a hub id."""
+    options: RunOptions = field(default_factory=RunOptions)
+    """How models are loaded and scored: gate.yaml's options, overridden by the caller's."""
     command: str = ""
     """Command line recorded in results.json."""
     config_path: str | None = None
@@ -129,33 +115,27 @@ def prepare_run(
     config_path: str | Path | None = None,
     base: str | None = None,
     out_dir: str | Path = "reports",
-    device: str | None = None,
-    dtype: str | None = None,
-    batch_size: int | None = None,
-    max_length: int | None = None,
-    stride: int | None = None,
-    limit: int | None = None,
-    allow_pickle: bool = False,
-    trust_remote_code: bool = False,
-    online: bool = False,
     command: str = "",
+    **options,
 ) -> RunRequest:
-    """Config + scan + suites -> RunRequest; arguments given here override gate.yaml.
+    """Config + scan + suites -> RunRequest; ``options`` (``RunOptions`` fields) override gate.yaml's.
 
-    ``limit`` caps every suite at its first N documents (a quick, partial run).
+    ``limit`` caps every suite at its first N documents (a quick, partial run). An option given
+    as None (or False) is not given.
 
     Raises ConfigError, SuiteError, CheckpointError or BaseModelError before any model loads.
     """
     directory, out_dir = Path(directory), Path(out_dir)
     found = find_config(str(config_path) if config_path else None, str(directory))
     config = load_config(found)
-    if limit is not None:
-        config.suites = [dataclasses.replace(spec, limit=limit) for spec in config.suites]
+    run_options = merge_options(config.options, options)
+    if run_options.limit is not None:
+        config.suites = [dataclasses.replace(spec, limit=run_options.limit) for spec in config.suites]
     suites = load_suites(config)
     probe_suites = load_probe_suites(config)
     overlaps = check_contamination(config, suites)
     with ResultsStore(out_dir / STORE_NAME) as store:
-        report = scan(directory, allow_pickle=allow_pickle, base=base or config.base, hash_cache=store.hash_cache)
+        report = scan(directory, allow_pickle=run_options.allow_pickle, base=base or config.base, hash_cache=store.hash_cache)
     if not report.checkpoints:
         raise CheckpointError(no_checkpoints_message(directory))
     if not report.valid:
@@ -169,20 +149,22 @@ def prepare_run(
         funnel=config.funnel,
         base=choose_base(base, config, report),
         out_dir=out_dir,
-        device=device or config.device,
-        dtype=dtype or config.dtype,
-        batch_size=batch_size or config.batch_size,
-        max_length=max_length or config.max_length,
-        stride=stride or config.stride,
-        allow_pickle=allow_pickle,
-        trust_remote_code=trust_remote_code,
-        online=online,
+        options=run_options,
         command=command,
         config_path=str(Path(found).resolve()) if found else None,
         policy=config.policy,
         overlaps=overlaps,
         warnings=[o.summary() + ": the suite does not measure what the model has not seen" for o in overlaps if not o.clean],
     )
+
+
+def merge_options(defaults: RunOptions, given: dict) -> RunOptions:
+    """``defaults`` (gate.yaml's) with the options given (None or False: not given); an unknown name is a TypeError."""
+    known = {f.name for f in dataclasses.fields(RunOptions)}
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise TypeError(f"unknown run option(s) {', '.join(unknown)}; the options are {', '.join(sorted(known))}")
+    return dataclasses.replace(defaults, **{k: v for k, v in given.items() if v is not None and v is not False})
 
 
 def overlap_documents(ref: str, config_path: str | Path | None = None) -> tuple[str, dict[str, list[str]]]:

@@ -25,8 +25,8 @@ def test_full_config(tmp_path):
             "max_length: 64\nstride: 16\n",
         )
     )
-    assert config.base == "org/model" and config.device == "cpu" and config.batch_size == 2
-    assert (config.max_length, config.stride, config.dtype) == (64, 16, "float32")
+    assert config.base == "org/model" and config.options.device == "cpu" and config.options.batch_size == 2
+    assert (config.options.max_length, config.options.stride, config.options.dtype) == (64, 16, "float32")
     known, style = config.suites
     assert known.path.endswith("known-good.jsonl")
     assert style.path == str((tmp_path / "data" / "style.jsonl").resolve())
@@ -36,7 +36,7 @@ def test_full_config(tmp_path):
 def test_defaults_without_a_file():
     config = load_config(None)
     assert [s.name for s in config.suites] == ["known-good"]
-    assert config.base is None and config.batch_size == 8
+    assert config.base is None and config.options.batch_size == 8
 
 
 def test_all_problems_at_once(tmp_path):
@@ -135,3 +135,23 @@ def test_gate_direction_cluster_and_minimum_items(tmp_path):
         "gates[2].cluster: must be a string, not 3",
         "gates[2].min_items: must be a positive integer, not 0",
     ]
+
+
+def test_run_options_are_declared_once():
+    """RunOptions is the one declaration: `gate run` has an option per field, gate.yaml accepts the
+    YAML ones, and prepare_run / gate.run take the same names (an unknown one is refused)."""
+    import dataclasses
+
+    from gate.cli import main
+    from gate.config import TOP_KEYS, YAML_OPTIONS, RunOptions
+    from gate.request import merge_options
+
+    fields = [f.name for f in dataclasses.fields(RunOptions)]
+    cli = {p.name for p in main.commands["run"].params}
+    assert set(fields) <= cli, set(fields) - cli
+    assert set(YAML_OPTIONS) <= set(fields) and set(YAML_OPTIONS) <= TOP_KEYS
+    yaml_defaults = RunOptions(device="cpu", batch_size=2)
+    merged = merge_options(yaml_defaults, {"batch_size": 4, "dtype": None, "online": False, "limit": 3})
+    assert merged == RunOptions(device="cpu", batch_size=4, limit=3)
+    with pytest.raises(TypeError, match="unknown run option.*batchsize"):
+        merge_options(yaml_defaults, {"batchsize": 4})

@@ -74,7 +74,7 @@ def run_on_ray(request: RunRequest, address: str | None = None, progress: Progre
     if not ray.is_initialized():
         ray.init(address=address, ignore_reinit_error=True, log_to_driver=False, include_dashboard=False)
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    wanted_gpu = request.device in ("auto", "cuda") or request.device.startswith("cuda")
+    wanted_gpu = request.options.device in ("auto", "cuda") or request.options.device.startswith("cuda")
     per_worker = {"num_gpus": 1} if gpus and wanted_gpu else {"num_cpus": 1}
     size = workers or (gpus if per_worker.get("num_gpus") else max(1, int(ray.cluster_resources().get("CPU", 1)) - 1))
     actor = ray.remote(max_restarts=0, **per_worker)(ScoringWorker)

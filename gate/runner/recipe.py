@@ -102,23 +102,23 @@ class Runner:
         models.check_versions()
         progress(ProgressEvent("stage", message=f"resolving base {request.base}"))
         base_dir, base_config = self._base()
-        base_hash = sha256_files(models.weight_files(base_dir, request.allow_pickle), base_dir, hash_cache)
+        base_hash = sha256_files(models.weight_files(base_dir, request.options.allow_pickle), base_dir, hash_cache)
         tokenizer_hashes = {"base": sha256_files(models.tokenizer_files(base_dir), base_dir, hash_cache)}
         for ckpt in request.scan.valid:
             if ckpt.kind == "full" and ckpt.has_tokenizer:
                 folder = Path(ckpt.path)
                 tokenizer_hashes[ckpt.name] = sha256_files(models.tokenizer_files(folder), folder, hash_cache)
         context = models.context_size(base_config, models.read_tokenizer_config(base_dir))
-        max_length, stride = models.choose_window(request.max_length, request.stride, context)
+        max_length, stride = models.choose_window(request.options.max_length, request.options.stride, context)
         _check_generation_room(request, context)
         _check_drift_k(request, base_config)
-        device = models.choose_device(request.device)
-        dtype = models.choose_dtype(request.dtype, device)
+        device = models.choose_device(request.options.device)
+        dtype = models.choose_dtype(request.options.dtype, device)
         tasks = self.tasks(progress)
         settings = RunSettings(
             device=str(device),
             dtype=str(dtype).removeprefix("torch."),
-            batch_size=request.batch_size,
+            batch_size=request.options.batch_size,
             max_length=max_length,
             stride=stride,
             scoring=SCORING_VERSION,
@@ -149,20 +149,20 @@ class Runner:
 
     def _base(self) -> tuple[Path, dict]:
         if self._base_dir is None:
-            base_dir = models.resolve_base(self.request.base, self.request.online)
+            base_dir = models.resolve_base(self.request.base, self.request.options.online)
             base_config = models.read_model_config(base_dir)
             models.check_saved_by(base_dir, base_config)
             self._base_dir, self._base_config = base_dir, base_config
         return self._base_dir, self._base_config
 
     def _load_tokenizer(self):
-        return models.load_tokenizer(self._base()[0], self.request.trust_remote_code)
+        return models.load_tokenizer(self._base()[0], self.request.options.trust_remote_code)
 
     # -- the base in memory, with its adapter slot ---------------------------------------------------
 
     def base_model(self, done: Executed, device, dtype):
         if self._base_model is None:
-            self._base_model = models.load_model(self._base()[0], device, dtype, self.request.trust_remote_code)
+            self._base_model = models.load_model(self._base()[0], device, dtype, self.request.options.trust_remote_code)
             self._slot = models.AdapterSlot(self._base_model)
             done.base_loads += 1
         return self._base_model
@@ -226,7 +226,7 @@ class Runner:
             for plan in by_kind["full"]:
                 self.release()
                 load = functools.partial(
-                    models.load_model, Path(plan.checkpoint.path), scorer.device, scorer.dtype, request.trust_remote_code, CheckpointError
+                    models.load_model, Path(plan.checkpoint.path), scorer.device, scorer.dtype, request.options.trust_remote_code, CheckpointError
                 )
                 self.progress_stage(progress, f"loading full checkpoint {plan.name}")
                 scorer.load_and_score(plan, load, models.free_memory, due[plan.name], done)
@@ -254,7 +254,7 @@ class Runner:
     def _scorer(self, work: WorkList, items: list[WorkItem], store: ResultsStore, progress: ProgressFn) -> _Scorer:
         request = self.request
         settings = work.settings
-        device = models.choose_device(request.device)
+        device = models.choose_device(request.options.device)
         dtype = models.dtype_named(settings.dtype)
         base_dir, base_config = self._base()
         context = models.context_size(base_config, models.read_tokenizer_config(base_dir))
@@ -390,7 +390,7 @@ class _Scorer:
         """Check the tokenizer, load (an adapter or a full model), score, release; a failure stays with the checkpoint."""
         try:
             problem = models.tokenizer_problem(
-                plan.checkpoint, self.tokenizer, self.vocab_size or len(self.tokenizer), self.request.trust_remote_code
+                plan.checkpoint, self.tokenizer, self.vocab_size or len(self.tokenizer), self.request.options.trust_remote_code
             )
             if problem:
                 raise CheckpointError(problem)
@@ -474,8 +474,8 @@ class _Scorer:
             head = None
             if k == ppl.DRIFT_EXACT and plan.checkpoint.kind == "full":
                 # A full checkpoint stands alone in memory: the base's lm_head comes from its files.
-                base_dir = models.resolve_base(self.request.base, self.request.online)
-                head = ppl.output_head_from_files(base_dir, self.dtype, self.device, self.request.trust_remote_code)
+                base_dir = models.resolve_base(self.request.base, self.request.options.online)
+                head = ppl.output_head_from_files(base_dir, self.dtype, self.device, self.request.options.trust_remote_code)
             elif k == ppl.DRIFT_EXACT:
                 head = ppl.base_output_head(model)  # an adapter on the loaded base: the base's own module
             drift = DriftRun(k, reference=self._reference(reference_key, suite), tokenizer=self.tokenizer, head=head)
@@ -487,7 +487,7 @@ class _Scorer:
                 docs,
                 max_length=self.max_length,
                 stride=self.stride,
-                batch_size=self.request.batch_size,
+                batch_size=self.request.options.batch_size,
                 device=self.device,
                 pad_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0,
                 on_progress=lambda done, total: self.progress(
@@ -519,7 +519,7 @@ class _Scorer:
             encoded,
             probe_suite,
             self.tokenizer,
-            batch_size=self.request.batch_size,
+            batch_size=self.request.options.batch_size,
             device=self.device,
             stops=stops,
             on_progress=lambda done, total: self.progress(
@@ -538,10 +538,10 @@ class _Scorer:
             model,
             self.tokenizer,
             task,
-            batch_size=self.request.batch_size,
+            batch_size=self.request.options.batch_size,
             device=self.device,
             max_length=self.max_length,
         )
-        self.store.put_task(plan.identities[suite], score, self._provenance(began, self.request.batch_size))
+        self.store.put_task(plan.identities[suite], score, self._provenance(began, self.request.options.batch_size))
         self.progress(ProgressEvent("done", model=plan.name, suite=suite, done=task.n_documents, total=task.n_documents))
 
