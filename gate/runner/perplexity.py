@@ -224,6 +224,13 @@ class DriftReference:
     """Top-k: (tokens,) float64: the base's probability mass outside its top k."""
     hidden: torch.Tensor | None = None
     """Exact: (tokens, hidden size) the base's final hidden state (lm_head's input), compute dtype, on CPU."""
+    expected: np.ndarray | None = None
+    """Exact: (tokens, hidden size) float32 m = W^T p_base, the output embedding expected under the base's
+    next-token distribution (None in references stored before gate kept it: the recompute path)."""
+    offset: np.ndarray | None = None
+    """Exact: (tokens,) float64 s = m . h_base - logsumexp(base logits)."""
+    top: np.ndarray | None = None
+    """Exact: (tokens,) int32 the base's most likely next token."""
 
     @property
     def tokens(self) -> int:
@@ -301,7 +308,13 @@ def to_stored(reference: DriftReference, k: int) -> StoredReference | StoredHidd
     """One document's reference as the store keeps it (bytes, nothing rounded)."""
     if reference.hidden is not None:
         hidden = reference.hidden.contiguous()
-        return StoredHidden(str(hidden.dtype).removeprefix("torch."), int(hidden.shape[1]), hidden.view(torch.uint8).numpy().tobytes())
+        dtype = str(hidden.dtype).removeprefix("torch.")
+        blob = hidden.view(torch.uint8).numpy().tobytes()
+        if reference.expected is not None:
+            # One blob: the hidden states, then m (float32), s (float64) and the base's top-1 (int32).
+            dtype += EXPECTED_SUFFIX
+            blob += reference.expected.astype("<f4").tobytes() + reference.offset.astype("<f8").tobytes() + reference.top.astype("<i4").tobytes()
+        return StoredHidden(dtype, int(hidden.shape[1]), blob)
     return StoredReference(
         k,
         reference.logprobs.astype("<f4").tobytes(),
@@ -312,13 +325,37 @@ def to_stored(reference: DriftReference, k: int) -> StoredReference | StoredHidd
 
 def from_stored(stored: StoredReference | StoredHidden) -> DriftReference:
     if isinstance(stored, StoredHidden):
-        values = torch.frombuffer(bytearray(stored.hidden), dtype=torch.uint8)
-        return DriftReference(hidden=values.view(getattr(torch, stored.dtype)).reshape(-1, stored.width))
+        dtype, packed = stored.dtype.removesuffix(EXPECTED_SUFFIX), stored.dtype.endswith(EXPECTED_SUFFIX)
+        size = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+        per_token = stored.width * size + (stored.width * 4 + 8 + 4 if packed else 0)
+        tokens = len(stored.hidden) // per_token
+        cut = tokens * stored.width * size
+        values = torch.frombuffer(bytearray(stored.hidden[:cut]), dtype=torch.uint8) if cut else torch.empty(0, dtype=torch.uint8)
+        reference = DriftReference(hidden=values.view(getattr(torch, dtype)).reshape(-1, stored.width))
+        if packed:
+            rest = stored.hidden[cut:]
+            m_end, s_end = tokens * stored.width * 4, tokens * stored.width * 4 + tokens * 8
+            reference.expected = np.frombuffer(rest[:m_end], dtype="<f4").reshape(-1, stored.width)
+            reference.offset = np.frombuffer(rest[m_end:s_end], dtype="<f8")
+            reference.top = np.frombuffer(rest[s_end:], dtype="<i4")
+        return reference
     return DriftReference(
         logprobs=np.frombuffer(stored.logprobs, dtype="<f4").reshape(-1, stored.k),
         indices=np.frombuffer(stored.indices, dtype="<i4").reshape(-1, stored.k),
         rest=np.frombuffer(stored.rest, dtype="<f8"),
     )
+
+
+EXPECTED_SUFFIX = "+expected"
+"""A stored exact reference whose dtype name ends so also holds m, s and the base's top-1 per token."""
+
+
+def head_is_base(model) -> bool:
+    """Whether ``model`` (the base with an adapter attached) computes its logits with the base's own
+    output embedding: no LoRA on it, no trained copy (``modules_to_save``). Then the exact KL needs no
+    base logits at all (see ``_compare_expected``)."""
+    module = model.get_output_embeddings()
+    return module is not None and not hasattr(module, "base_layer") and not hasattr(module, "original_module")
 
 
 class NotLinearHead(Exception):
@@ -336,7 +373,10 @@ class DriftRun:
     tokenizer: object = None
     """Decodes the reported tokens (a checkpoint's pass)."""
     head: OutputHead | None = None
-    """Exact method, a checkpoint's pass: the base's output embedding."""
+    """Exact method: the base's output embedding (the base's pass: to compute m; a checkpoint's: to recompute the base's logits)."""
+    shared_head: bool = False
+    """Exact method, a checkpoint's pass: its output embedding is the base's own, so the KL comes from m and
+    s (O(hidden size) per token) when the reference holds them."""
     captured: list[DriftReference] = field(default_factory=list)
     """Filled by the base's pass: its reference, per document."""
     token_kl: list[np.ndarray] = field(default_factory=list)
@@ -371,6 +411,10 @@ class _WindowDrift:
     """Base pass: rest mass per token."""
     hidden: torch.Tensor | None = None
     """Base pass, exact: (tokens, hidden size) hidden states."""
+    expected: np.ndarray | None = None
+    """Base pass, exact: (tokens, hidden size) m per token."""
+    offset: np.ndarray | None = None
+    """Base pass, exact: (tokens,) s per token."""
     base_top: np.ndarray | None = None
     """Checkpoint pass, exact: the base's most likely token id per token."""
 
@@ -418,7 +462,7 @@ def score_documents(
     forward, hook = None, None
     if drift is not None:
         tap: dict = {}
-        if drift.exact and drift.capturing:
+        if drift.exact and (drift.capturing or drift.shared_head):
             head = model.get_output_embeddings()
             if head is None:
                 raise NotLinearHead()  # no output embedding to recompute the logits with
@@ -468,6 +512,13 @@ def _window_reference(drift: DriftRun, slots, window: Window) -> tuple[torch.Ten
     rows = [slots[window.doc][window.begin + p] for p, s in enumerate(window.scored) if s]
     if ref.tokens != len(slots[window.doc]) - slots[window.doc].count(-1) or (ref.hidden is not None) != drift.exact:
         raise RunFailure("the stored drift reference does not match the suite's tokens; delete gate.sqlite and re-run")
+    if drift.exact and drift.shared_head and ref.expected is not None:
+        return (
+            ref.hidden[rows],
+            torch.from_numpy(ref.expected[rows]),
+            torch.from_numpy(ref.offset[rows]),
+            torch.from_numpy(ref.top[rows].astype(np.int64)),
+        )
     if drift.exact:
         return (ref.hidden[rows],)
     return (
@@ -481,7 +532,12 @@ def _finish_drift(drift: DriftRun, index: int, doc: EncodedDocument, record: Doc
     """Join a document's windows (in position order) into its reference or its drift record."""
     parts = [p for _, p in pieces]
     if drift.capturing and drift.exact:
-        drift.captured.append(DriftReference(hidden=torch.cat([p.hidden for p in parts])))
+        reference = DriftReference(hidden=torch.cat([p.hidden for p in parts]))
+        if all(p.expected is not None for p in parts):
+            reference.expected = np.concatenate([p.expected for p in parts])
+            reference.offset = np.concatenate([p.offset for p in parts])
+            reference.top = np.concatenate([p.base_top for p in parts]).astype(np.int32)
+        drift.captured.append(reference)
         return
     if drift.capturing:
         drift.captured.append(
@@ -601,6 +657,10 @@ def _forward(
                 tap["checked"] = True
             del head_logits
             hidden = hidden.reshape(-1, hidden.shape[-1])
+        elif drift.exact and drift.shared_head:
+            hidden = tap.pop("hidden")
+            tap.pop("logits", None)
+            hidden = hidden.reshape(-1, hidden.shape[-1])
         return _forward_drift(flat, labels, batch, drift, reference, hidden)
     if flat.dtype != torch.float32:
         flat = flat.float()
@@ -628,14 +688,25 @@ def _forward_drift(
     if drift.exact and drift.capturing:
         # The base: its hidden states at the scored rows, as they are (compute dtype); nll as without drift.
         kept = hidden[rows].cpu()
+    fast = drift.exact and not drift.capturing and drift.shared_head and ref_cat is not None and len(ref_cat) == 4
+    if fast:
+        own = hidden[rows]  # the checkpoint's final hidden states at the scored rows
     for start in range(0, len(rows), chunk):
         picked = flat[rows[start : start + chunk]].float()
         logp = torch.log_softmax(picked, dim=-1)
+        best = logp.max(dim=-1)
+        # logsumexp of the logits, read off at the most likely token (where it is best conditioned).
+        lse = picked.gather(1, best.indices[:, None]).squeeze(1).double() - best.values.double()
         del picked
         nll_parts.append(-logp.gather(1, targets[start : start + chunk, None]).squeeze(1).double().cpu())
         if drift.exact and drift.capturing:
+            if drift.head is not None:  # without the base's head only the hidden states are kept (the recompute path)
+                drift_parts.append(_expected(logp, lse, best.indices, kept[start : start + chunk], drift.head))
             continue
-        if drift.exact:
+        if fast:
+            m, s, base_top = (t[start : start + chunk] for t in ref_cat[1:])
+            drift_parts.append(_compare_expected(logp, best, lse, own[start : start + chunk], m, s, base_top.to(logp.device)))
+        elif drift.exact:
             h = ref_cat[0][start : start + chunk].to(logp.device)
             base_logits = torch.nn.functional.linear(h, drift.head.weight, drift.head.bias)
             drift_parts.append(_compare_exact(logp, base_logits))
@@ -654,7 +725,11 @@ def _forward_drift(
     for window, n in zip(batch, counts):
         sl = slice(offset, offset + n)
         positions = [window.begin + p for p, s in enumerate(window.scored) if s]
-        if drift.exact and drift.capturing:
+        if drift.exact and drift.capturing and joined:
+            part = _WindowDrift(
+                positions, hidden=kept[sl], expected=joined[0][sl].numpy(), offset=joined[1][sl].numpy(), base_top=joined[2][sl].numpy()
+            )
+        elif drift.exact and drift.capturing:
             part = _WindowDrift(positions, hidden=kept[sl])
         elif drift.exact:
             part = _WindowDrift(
@@ -685,6 +760,32 @@ def _compare(logp: torch.Tensor, b: torch.Tensor, idx: torch.Tensor, p_rest: tor
     best = logp.max(dim=-1)
     match = (logp.gather(1, idx[:, :1]).squeeze(1) >= best.values).cpu()
     return kl, match, best.indices.cpu()
+
+
+def _expected(logp: torch.Tensor, lse: torch.Tensor, top: torch.Tensor, hidden: torch.Tensor, head: OutputHead):
+    """The base's pass: per token m = W^T p (float32), s = m . h - logsumexp(logits) (float64), top-1 id.
+
+    With b = W h_b + beta and c = W h_c + beta (one output embedding), p = softmax(b):
+    KL(base || checkpoint) = p . (b - c) - lse(b) + lse(c) = m . (h_b - h_c) - lse(b) + lse(c)
+                           = s - m . h_c + lse(c),
+    an identity (the bias cancels), so a checkpoint that shares the output embedding needs only its
+    own hidden state and logsumexp: O(hidden size) per token instead of a second vocabulary-wide pass.
+    s is computed with the stored (float32) m, so m's rounding only touches m . (h_b - h_c), which is small.
+    """
+    p = logp.exp()
+    m = (p.to(head.weight.dtype) @ head.weight).float()
+    s = (m.double() * hidden.to(m.device).double()).sum(dim=-1) - lse
+    return m.cpu(), s.cpu(), top.to(torch.int32).cpu()
+
+
+def _compare_expected(logp: torch.Tensor, best, lse: torch.Tensor, hidden: torch.Tensor, m, s, base_top):
+    """A checkpoint sharing the base's output embedding: KL = s - m . h_c + lse(c) per token (see ``_expected``)."""
+    dot = (m.to(hidden.device).double() * hidden.double()).sum(dim=-1)
+    kl = (s.to(hidden.device) - dot + lse.to(hidden.device)).cpu()
+    # Rounding (float32 logits) can leave -1e-7 where the distributions agree; KL is never negative.
+    kl = kl.clamp_min(0.0)  # NaN stays NaN: reported as a failure, never averaged
+    match = logp.gather(1, base_top[:, None]).squeeze(1) >= best.values
+    return kl, match.cpu(), best.indices.cpu(), base_top.cpu()
 
 
 def _compare_exact(logp: torch.Tensor, base_logits: torch.Tensor):

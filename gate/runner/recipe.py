@@ -468,7 +468,7 @@ class _Scorer:
         k = next(s.drift_k for s in self.request.suites if s.name == suite)
         drift, reference_key = None, None
         if k is not None and plan.checkpoint is None:
-            drift = DriftRun(k)
+            drift = DriftRun(k, head=ppl.base_output_head(model) if k == ppl.DRIFT_EXACT else None)
         elif k is not None:
             reference_key = plan.identities[suite].settings["drift_reference"]
             head = None
@@ -478,7 +478,8 @@ class _Scorer:
                 head = ppl.output_head_from_files(base_dir, self.dtype, self.device, self.request.options.trust_remote_code)
             elif k == ppl.DRIFT_EXACT:
                 head = ppl.base_output_head(model)  # an adapter on the loaded base: the base's own module
-            drift = DriftRun(k, reference=self._reference(reference_key, suite), tokenizer=self.tokenizer, head=head)
+            shared = k == ppl.DRIFT_EXACT and plan.checkpoint.kind == "lora" and ppl.head_is_base(model)
+            drift = DriftRun(k, reference=self._reference(reference_key, suite), tokenizer=self.tokenizer, head=head, shared_head=shared)
         self.progress(ProgressEvent("start", model=name, suite=suite, total=len(docs)))
         began = time.perf_counter()
         try:
