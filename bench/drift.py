@@ -84,7 +84,7 @@ def main() -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from gate.runner.perplexity import DRIFT_EXACT, DriftRun, base_output_head, encode_suite, score_documents
+    from gate.runner.perplexity import DRIFT_EXACT, DriftRun, base_output_head, encode_suite, head_is_base, score_documents
     from gate.suites import load_suite
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -97,8 +97,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     ks = args.k or [32]
-    methods = [DRIFT_EXACT, *ks]
-    label = lambda m: "exact" if m == DRIFT_EXACT else f"k={m}"  # noqa: E731
+    RECOMPUTE = -1  # the exact method forced to recompute the base's logits (as for LoRA on lm_head, full checkpoints)
+    methods = [DRIFT_EXACT, RECOMPUTE, *ks]
+    label = lambda m: {DRIFT_EXACT: "exact", RECOMPUTE: "exact-recompute"}.get(m, f"k={m}")  # noqa: E731
 
     path = {"smollm2": smollm2_base, "tiny": tiny_base}.get(args.model, lambda: Path(args.model))()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -126,14 +127,21 @@ def main() -> None:
     print(device_note())
 
     references = {}
+    kind = lambda m: DRIFT_EXACT if m == RECOMPUTE else m  # noqa: E731
+    capture_run = lambda m: DriftRun(kind(m), head=base_output_head(base) if kind(m) == DRIFT_EXACT else None)  # noqa: E731
     for m in methods:
-        capture = DriftRun(m)
-        score(base, capture)
-        references[m] = capture.captured
+        if m != RECOMPUTE:
+            capture = capture_run(m)
+            score(base, capture)
+            references[m] = capture.captured
+    references[RECOMPUTE] = references[DRIFT_EXACT]
 
     def checkpoint_run(m, model):
-        head = base_output_head(base) if m == DRIFT_EXACT else None  # the base's lm_head (base in memory here)
-        return DriftRun(m, reference=references[m], tokenizer=tokenizer, head=head)
+        # As gate runs it: an adapter that leaves lm_head alone takes the m . h path; otherwise the base's
+        # logits are recomputed with the base's lm_head (base in memory here).
+        head = base_output_head(base) if kind(m) == DRIFT_EXACT else None
+        shared = m == DRIFT_EXACT and isinstance(model, PeftModel) and head_is_base(model)
+        return DriftRun(kind(m), reference=references[m], tokenizer=tokenizer, head=head, shared_head=shared)
 
     print("\naccuracy (mean nats per token; relative error = (full - gate) / full)")
     print(f"{'model':<10} {'full KL':>10} " + " ".join(f"{label(m):>10} {'rel.err':>8}" for m in methods) + f" {'top1':>8}")
@@ -167,7 +175,7 @@ def main() -> None:
             times.setdefault("checkpoint", []).append(timed(lambda: score(model), device))
             times.setdefault(f"checkpoint {label(m)}", []).append(timed(lambda: score(model, checkpoint_run(m, model)), device))
             times.setdefault("base", []).append(timed(lambda: score(base), device))
-            times.setdefault(f"base {label(m)}", []).append(timed(lambda: score(base, DriftRun(m)), device))
+            times.setdefault(f"base {label(m)}", []).append(timed(lambda: score(base, capture_run(m)), device))
     best = {key: min(values) for key, values in times.items()}
     print(f"\ncost on {names[-1]} (fastest of {args.repeats} interleaved repeats; without drift: checkpoint "
           f"{best['checkpoint']:.2f} s, base {best['base']:.2f} s)")
@@ -186,7 +194,8 @@ def main() -> None:
 
     hidden = base.config.hidden_size
     print("\nstorage of the reference per scored token (per million scored tokens)")
-    print(f"exact  {4 * hidden} bytes float32 ({4 * hidden * 1e6 / 2**30:.2f} GiB), {2 * hidden} bytes bfloat16 ({2 * hidden * 1e6 / 2**30:.2f} GiB)")
+    f32, bf16 = 8 * hidden + 12, 6 * hidden + 12  # hidden state (compute dtype) + m (float32) + s + top-1
+    print(f"exact  {f32} bytes float32 ({f32 * 1e6 / 2**30:.2f} GiB), {bf16} bytes bfloat16 ({bf16 * 1e6 / 2**30:.2f} GiB)")
     for k in ks:
         print(f"k={k:<4} {8 * k + 8} bytes ({(8 * k + 8) * 1e6 / 2**20:.0f} MiB)")
     for m in methods:
