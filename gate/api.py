@@ -103,7 +103,9 @@ def merge(shards: list[str | Path], out: str | Path = "reports", config: str | P
     for shard in folders:
         # A shard's results.json is written last: without it the shard did not finish.
         recorded = read_results(shard / RESULTS_NAME)
-        failures += [Failure(c.name, c.reason or "", c.error_code or EXIT_RUNTIME_FAILURE) for c in recorded.checkpoints if c.status == "error"]
+        failures += [
+            Failure(c.name, c.reason or "", c.error_code or EXIT_RUNTIME_FAILURE) for c in recorded.checkpoints if c.status == "error"
+        ]
         if not (shard / STORE_NAME).is_file():
             raise GateError(f"{shard / STORE_NAME}: not found; pass the output folders of `gate run --shard I/N`")
     works = [read_work(s / WORK_NAME) for s in folders]
@@ -144,7 +146,9 @@ def _check_one_plan(shards: list[Path], works: list) -> None:
             for shard, work in zip(shards, works)
             if work is first or work.versions != first.versions
         )
-        raise GateError(f"the shards scored under different library versions, which gate never compares:\n{listing}\nre-run them in one environment")
+        raise GateError(
+            f"the shards scored under different library versions, which gate never compares:\n{listing}\nre-run them in one environment"
+        )
 
     def differs(work) -> str | None:
         if work.base_hash != first.base_hash:
@@ -160,7 +164,9 @@ def _check_one_plan(shards: list[Path], works: list) -> None:
     problems = [(shard, why) for shard, work in zip(shards, works) if (why := differs(work))]
     if problems:
         listing = "\n".join(f"  - {shard}: {why} than {shards[0]}" for shard, why in problems)
-        raise ConfigError(None, [f"the shards are not shares of one run:\n{listing}\nre-run them with one gate.yaml, one base and one environment"])
+        raise ConfigError(
+            None, [f"the shards are not shares of one run:\n{listing}\nre-run them with one gate.yaml, one base and one environment"]
+        )
 
 
 def offline(online: bool = False) -> None:
@@ -240,11 +246,15 @@ def _recorded_policy(out: Path, config: str) -> Policy:
 
     path = out / "verdict.json"
     if not path.is_file():
-        raise ConfigError(config, [f"the run's gate.yaml is gone and {path} does not exist to re-apply its policy; pass the policy with --config"])
+        raise ConfigError(
+            config, [f"the run's gate.yaml is gone and {path} does not exist to re-apply its policy; pass the policy with --config"]
+        )
     try:
         spec = read_verdict(path).policy_spec
     except GateError as err:
-        raise ConfigError(config, [f"the run's gate.yaml is gone, and the policy cannot be taken from {err}; or pass the policy with --config"]) from None
+        raise ConfigError(
+            config, [f"the run's gate.yaml is gone, and the policy cannot be taken from {err}; or pass the policy with --config"]
+        ) from None
     try:
         return Policy.from_json(spec)
     except (KeyError, TypeError, ValueError) as err:

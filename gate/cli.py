@@ -43,8 +43,7 @@ def _handle_errors(func):
             sys.exit(err.exit_code)
         except KeyboardInterrupt:
             click.echo(
-                "\ninterrupted: every finished score is kept in the results store; "
-                "run the same command again to finish the rest",
+                "\ninterrupted: every finished score is kept in the results store; run the same command again to finish the rest",
                 err=True,
             )
             sys.exit(EXIT_INTERRUPTED)
@@ -109,9 +108,20 @@ def scan_command(directory: Path, as_json: bool, allow_pickle: bool, base: str |
 @click.argument("directory", type=click.Path(path_type=Path))
 @click.option("--config", "config_path", type=click.Path(path_type=Path), help="gate.yaml (default: DIR/gate.yaml, then ./gate.yaml).")
 @base_option
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), default="reports", show_default=True, help="Output folder: results.json and the results store.")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path),
+    default="reports",
+    show_default=True,
+    help="Output folder: results.json and the results store.",
+)
 @click.option("--device", help="auto, cpu, cuda, cuda:N or mps (default: gate.yaml's, else auto).")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), help="Weights dtype (default: bfloat16 on CUDA, float32 on CPU).")
+@click.option(
+    "--dtype",
+    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+    help="Weights dtype (default: bfloat16 on CUDA, float32 on CPU).",
+)
 @click.option("--batch-size", type=click.IntRange(min=1), help="Sequences per forward pass (default 8).")
 @click.option("--max-length", type=click.IntRange(min=2), help="Tokens per scored window (default: model context, at most 2048).")
 @click.option("--stride", type=click.IntRange(min=1), help="Sliding-window step for long documents (default: max-length / 2).")
@@ -119,10 +129,18 @@ def scan_command(directory: Path, as_json: bool, allow_pickle: bool, base: str |
 @allow_pickle_option
 @click.option("--trust-remote-code", is_flag=True, help="Run model code shipped with the base. Only for models you trust.")
 @click.option("--online", is_flag=True, help="Allow contacting the Hugging Face hub (default: offline, local cache only).")
-@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True, help="ray: fan checkpoints out to Ray workers (one GPU each).")
+@click.option(
+    "--executor",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="ray: fan checkpoints out to Ray workers (one GPU each).",
+)
 @click.option("--address", help="Ray cluster address (e.g. auto); default: start a local Ray.")
 @click.option("--workers", type=click.IntRange(min=1), help="Ray workers (default: one per GPU, else CPUs - 1).")
-@click.option("--shard", metavar="I/N", help="Score only share I of N (checkpoints I, I+N, ...; the base in shard 1); combine with `gate merge`.")
+@click.option(
+    "--shard", metavar="I/N", help="Score only share I of N (checkpoints I, I+N, ...; the base in shard 1); combine with `gate merge`."
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress display.")
 @_handle_errors
 def run_command(directory: Path, config_path: Path | None, out_dir: Path, quiet: bool, **options) -> None:
@@ -139,13 +157,21 @@ def run_command(directory: Path, config_path: Path | None, out_dir: Path, quiet:
 
 @main.command("merge")
 @click.argument("directory", required=False, type=click.Path(path_type=Path))
-@click.option("--from", "shards", multiple=True, required=True, type=click.Path(path_type=Path), help="A shard's output folder (repeat for each).")
-@click.option("--config", "config_path", type=click.Path(path_type=Path), help="gate.yaml with the policy (default: the one the shards used).")
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), default="reports", show_default=True, help="Output folder of the merged run.")
+@click.option(
+    "--from", "shards", multiple=True, required=True, type=click.Path(path_type=Path), help="A shard's output folder (repeat for each)."
+)
+@click.option(
+    "--config", "config_path", type=click.Path(path_type=Path), help="gate.yaml with the policy (default: the one the shards used)."
+)
+@click.option(
+    "--out", "out_dir", type=click.Path(path_type=Path), default="reports", show_default=True, help="Output folder of the merged run."
+)
 @click.option("--base", hidden=True, help="Ignored: the shards' work lists name the base.")
 @click.option("--allow-pickle", is_flag=True, hidden=True, help="Ignored: merge loads no weights.")
 @_handle_errors
-def merge_command(directory: Path | None, shards: tuple[Path, ...], config_path: Path | None, out_dir: Path, base: str | None, allow_pickle: bool) -> None:
+def merge_command(
+    directory: Path | None, shards: tuple[Path, ...], config_path: Path | None, out_dir: Path, base: str | None, allow_pickle: bool
+) -> None:
     """Combine `gate run --shard I/N` output folders into one run: results, verdict, reports.
 
     Scores nothing and needs only the shards' folders (work.json, results.json, gate.sqlite): no
@@ -162,7 +188,12 @@ def merge_command(directory: Path | None, shards: tuple[Path, ...], config_path:
 
 @main.command("check")
 @click.argument("out_dir", metavar="OUT", type=click.Path(path_type=Path))
-@click.option("--config", "config_path", type=click.Path(path_type=Path), help="gate.yaml with the policy (default: the one the run used, else the policy verdict.json recorded).")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    help="gate.yaml with the policy (default: the one the run used, else the policy verdict.json recorded).",
+)
 @_handle_errors
 def check_command(out_dir: Path, config_path: Path | None) -> None:
     """Re-apply a (possibly edited) policy to OUT/results.json, without a GPU.
@@ -188,7 +219,9 @@ def report_command(out_dir: Path) -> None:
 
 @main.command("bless")
 @click.argument("name", required=False)
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), default="reports", show_default=True, help="Output folder holding results.json.")
+@click.option(
+    "--out", "out_dir", type=click.Path(path_type=Path), default="reports", show_default=True, help="Output folder holding results.json."
+)
 @_handle_errors
 def bless_command(name: str | None, out_dir: Path) -> None:
     """Record checkpoint NAME (default: the verdict's selected one) as the current release.
@@ -209,7 +242,14 @@ def bless_command(name: str | None, out_dir: Path) -> None:
 
 
 @main.command("demo")
-@click.option("--dir", "demo_dir", type=click.Path(path_type=Path), default=DEMO_DIR, show_default=True, help="Where the base model and the fine-tuned runs are built and cached.")
+@click.option(
+    "--dir",
+    "demo_dir",
+    type=click.Path(path_type=Path),
+    default=DEMO_DIR,
+    show_default=True,
+    help="Where the base model and the fine-tuned runs are built and cached.",
+)
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default="reports/demo", show_default=True, help="Output folder.")
 @click.option("--size", type=click.FloatRange(0.05, 1.0), default=1.0, hidden=True, help="Shorter training runs (tests).")
 @click.option("--limit", type=click.IntRange(min=1), hidden=True, help="Only the first N documents of every suite (tests).")
@@ -421,7 +461,9 @@ def _print_run(outcome) -> None:
     if probes:
         headers = [f"{p.name} {_headline(results.base, p)}" for p in probes]
         cells = {h: p.name for h, p in zip(headers, probes)}
-        _print_table("generation probes (means; the report shows the outputs)", models, width, headers, lambda m, h: _task_cell(m, cells[h]))
+        _print_table(
+            "generation probes (means; the report shows the outputs)", models, width, headers, lambda m, h: _task_cell(m, cells[h])
+        )
     counts = f"computed {len(outcome.computed)} model x suite score(s), reused {len(outcome.reused)} from the store"
     if outcome.skipped:
         counts += f", skipped {len(outcome.skipped)} (funnel)"
@@ -491,9 +533,7 @@ class _ProgressRenderer:
             self._progress.update(self._task, completed=event.done)
         elif event.kind == "done" and self._task is not None:
             self._progress.remove_task(self._task)
-            self._progress.console.print(
-                f"✓ {event.model} · {event.suite} ({event.total} {event.unit})", markup=False, highlight=False
-            )
+            self._progress.console.print(f"✓ {event.model} · {event.suite} ({event.total} {event.unit})", markup=False, highlight=False)
             self._task = None
 
     def close(self) -> None:

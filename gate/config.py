@@ -1,50 +1,50 @@
 """gate.yaml -> typed configuration. Every problem is reported at once, with the file and field.
 
-    base: HuggingFaceTB/SmolLM2-135M     # optional: a local folder or a hub id
-    suites:
-      - name: known-good                 # name only: a built-in suite (suites/builtin.yaml)
-      - name: style
-        type: perplexity                 # the default
-        path: data/style.jsonl           # relative to this file
-        chat_template: true              # prompt/completion through the chat template
-        limit: 500                       # optional: the first N documents
-        drift: true                      # KL to the base and top-1 agreement (exact; drift_k: 32: top-k, lighter)
-      - name: arith
-        type: lm_eval
-        task: tasks/arith.yaml           # a registered lm-eval task, a task YAML or a folder
-        num_fewshot: 0                   # default: the task's own
-        limit: null
-        metric: acc                      # default: the task's first metric
-        gen_kwargs: {max_gen_toks: 64}   # generation tasks: passed to lm-eval and recorded
-        system_instruction: null         # passed to lm-eval and recorded
-      - name: probes
-        type: generate                   # greedy generation + per-item checks (gate.probes)
-        path: data/probes.jsonl
-        max_new_tokens: 128
-        system: null                     # optional system prompt
-    detectors: {abstains: [...], refuses: [...]}   # replace the English phrase lists
-    funnel: {top_k: 3, by: known-good.perplexity}   # lm_eval suites only on the 3 best
-    gates:                               # the policy (default: known-good must not regress > 5%)
-      - {suite: known-good, metric: perplexity, max_increase: 2%}   # guardrail, relative
-      - {suite: arith, metric: acc, max_drop: 0.02}                 # guardrail, absolute
-      - {suite: style, metric: perplexity, min_decrease: 10%}       # objective
-      - {suite: arith, metric: acc, min: 0.6}                       # absolute floor
-      - {suite: style, metric: kl, max: 0.05}                       # drift floors (drift on for the suite)
-      - {suite: french, metric: perplexity, max_increase: 5%, informational: true}
-    select: style.perplexity             # ranks the passing checkpoints
-    contamination:                       # do the suites repeat the training data? (gate.overlap)
-      training_data: [data/train.jsonl]  # relative to this file
-      suites: [known-good]               # default: every perplexity suite
-      n: 8                               # words per n-gram
-    reference: release                   # also gate against the blessed release (or a checkpoint name)
-    drift: true                          # drift on every perplexity suite (a suite's `drift: false` wins)
-    alpha: 0.05
-    confirm: 0.5                         # select on half the items, certify on the other half
-    device: auto                         # auto | cpu | cuda | cuda:N | mps
-    dtype: auto                          # auto | float32 | bfloat16 | float16
-    batch_size: 8
-    max_length: null                     # context used for scoring; default: the model's
-    stride: null                         # sliding-window step for long documents
+base: HuggingFaceTB/SmolLM2-135M     # optional: a local folder or a hub id
+suites:
+  - name: known-good                 # name only: a built-in suite (suites/builtin.yaml)
+  - name: style
+    type: perplexity                 # the default
+    path: data/style.jsonl           # relative to this file
+    chat_template: true              # prompt/completion through the chat template
+    limit: 500                       # optional: the first N documents
+    drift: true                      # KL to the base and top-1 agreement (exact; drift_k: 32: top-k, lighter)
+  - name: arith
+    type: lm_eval
+    task: tasks/arith.yaml           # a registered lm-eval task, a task YAML or a folder
+    num_fewshot: 0                   # default: the task's own
+    limit: null
+    metric: acc                      # default: the task's first metric
+    gen_kwargs: {max_gen_toks: 64}   # generation tasks: passed to lm-eval and recorded
+    system_instruction: null         # passed to lm-eval and recorded
+  - name: probes
+    type: generate                   # greedy generation + per-item checks (gate.probes)
+    path: data/probes.jsonl
+    max_new_tokens: 128
+    system: null                     # optional system prompt
+detectors: {abstains: [...], refuses: [...]}   # replace the English phrase lists
+funnel: {top_k: 3, by: known-good.perplexity}   # lm_eval suites only on the 3 best
+gates:                               # the policy (default: known-good must not regress > 5%)
+  - {suite: known-good, metric: perplexity, max_increase: 2%}   # guardrail, relative
+  - {suite: arith, metric: acc, max_drop: 0.02}                 # guardrail, absolute
+  - {suite: style, metric: perplexity, min_decrease: 10%}       # objective
+  - {suite: arith, metric: acc, min: 0.6}                       # absolute floor
+  - {suite: style, metric: kl, max: 0.05}                       # drift floors (drift on for the suite)
+  - {suite: french, metric: perplexity, max_increase: 5%, informational: true}
+select: style.perplexity             # ranks the passing checkpoints
+contamination:                       # do the suites repeat the training data? (gate.overlap)
+  training_data: [data/train.jsonl]  # relative to this file
+  suites: [known-good]               # default: every perplexity suite
+  n: 8                               # words per n-gram
+reference: release                   # also gate against the blessed release (or a checkpoint name)
+drift: true                          # drift on every perplexity suite (a suite's `drift: false` wins)
+alpha: 0.05
+confirm: 0.5                         # select on half the items, certify on the other half
+device: auto                         # auto | cpu | cuda | cuda:N | mps
+dtype: auto                          # auto | float32 | bfloat16 | float16
+batch_size: 8
+max_length: null                     # context used for scoring; default: the model's
+stride: null                         # sliding-window step for long documents
 """
 
 from __future__ import annotations
@@ -70,10 +70,25 @@ DEVICES_HELP = "auto, cpu, cuda, cuda:N or mps"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SUITE_TYPES = ("perplexity", "lm_eval", "generate")
 TOP_KEYS = {
-    "base", "suites", "device", "dtype", "batch_size", "max_length", "stride", "funnel",
-    "gates", "select", "alpha", "confirm", "seed", "bootstrap_iterations", "reference", "contamination",
+    "base",
+    "suites",
+    "device",
+    "dtype",
+    "batch_size",
+    "max_length",
+    "stride",
+    "funnel",
+    "gates",
+    "select",
+    "alpha",
+    "confirm",
+    "seed",
+    "bootstrap_iterations",
+    "reference",
+    "contamination",
     "detectors",
-    "drift", "drift_k",
+    "drift",
+    "drift_k",
 }
 GATE_BOUNDS = {
     # bound: (kind, which direction is harm for it: the metric must be lower-is-better or not)
@@ -93,8 +108,20 @@ DRIFT_METRICS = ("kl", "top1")  # of perplexity suites with drift on; gated as f
 DEFAULT_DRIFT_K = 0  # drift: true alone: the exact method (gate.runner.perplexity.DRIFT_EXACT); drift_k: N: top-N
 DEFAULT_MAX_INCREASE = 0.05
 SUITE_KEYS = {
-    "name", "type", "path", "task", "num_fewshot", "limit", "metric", "chat_template",
-    "max_new_tokens", "system", "gen_kwargs", "system_instruction", "drift", "drift_k",
+    "name",
+    "type",
+    "path",
+    "task",
+    "num_fewshot",
+    "limit",
+    "metric",
+    "chat_template",
+    "max_new_tokens",
+    "system",
+    "gen_kwargs",
+    "system_instruction",
+    "drift",
+    "drift_k",
 }
 ONLY_FOR = {
     "path": ("perplexity", "generate"),
@@ -605,7 +632,9 @@ def _contamination(value: object, suites: list[SuiteSpec], folder: Path, problem
         names = []
     for name in names:
         if name not in perplexity:
-            problems.append(f"contamination.suites: {name!r} is not a perplexity suite of this config (choices: {', '.join(perplexity) or 'none'})")
+            problems.append(
+                f"contamination.suites: {name!r} is not a perplexity suite of this config (choices: {', '.join(perplexity) or 'none'})"
+            )
     n = _positive_int(value, "n", DEFAULT_N, "contamination.", problems)
     return Contamination(training_data=resolved, suites=[name for name in names if name in perplexity], n=n)
 
@@ -728,7 +757,9 @@ def _suite_metric(
         problems.append(f"{where}: suite {suite!r} is not {scope} (suites: {names})")
         return None
     if spec.type == "perplexity" and metric in DRIFT_METRICS and spec.drift_k is None and scope != "configured":
-        problems.append(f"{where}: suite {suite!r} was scored without drift, so it has no {metric!r}; add `drift: true` to it and re-run `gate run`")
+        problems.append(
+            f"{where}: suite {suite!r} was scored without drift, so it has no {metric!r}; add `drift: true` to it and re-run `gate run`"
+        )
         return None
     if spec.type == "perplexity" and metric in DRIFT_METRICS and spec.drift_k is None:
         problems.append(
@@ -738,8 +769,7 @@ def _suite_metric(
         return None
     if spec.type == "perplexity" and metric not in PERPLEXITY_METRICS + DRIFT_METRICS:
         problems.append(
-            f"{where}: metric {metric!r} of perplexity suite {suite!r} must be perplexity or bits_per_byte "
-            "(or kl / top1 with drift on)"
+            f"{where}: metric {metric!r} of perplexity suite {suite!r} must be perplexity or bits_per_byte (or kl / top1 with drift on)"
         )
         return None
     if spec.type == "generate" and metric not in GENERATE_METRICS:
@@ -756,7 +786,7 @@ def _gen_kwargs(value: object, where: str, problems: list[str]) -> dict | str | 
         return value
     if isinstance(value, dict) and all(isinstance(k, str) for k in value):
         return dict(value)
-    problems.append(f"{where}gen_kwargs: must be a mapping like {{temperature: 0, max_gen_toks: 64}} or a string \"k=v,k=v\"")
+    problems.append(f'{where}gen_kwargs: must be a mapping like {{temperature: 0, max_gen_toks: 64}} or a string "k=v,k=v"')
     return None
 
 

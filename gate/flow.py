@@ -63,11 +63,7 @@ def funnel_scores(work: WorkList, store: ResultsStore, failed: set[str]) -> dict
     """Checkpoint -> its stored score on the funnel's suite (failed checkpoints: none, never selected)."""
     if work.funnel is None:
         return {}
-    return {
-        i.model: store.get(i.key)
-        for i in work.items
-        if i.suite == work.funnel.suite and i.model != "base" and i.model not in failed
-    }
+    return {i.model: store.get(i.key) for i in work.items if i.suite == work.funnel.suite and i.model != "base" and i.model not in failed}
 
 
 def skipped_by_funnel(items: list[WorkItem], kept: list[WorkItem]) -> list[WorkItem]:

@@ -166,7 +166,9 @@ def suite_file_segments(path: str | Path) -> dict[str, list[str]]:
         pass
     path = Path(path)
     out: dict[str, list[str]] = {}
-    for number, row in _jsonl_rows(path, _read_text(path, "suite file", "give an existing JSONL file"), "give a JSONL file, one document per line"):
+    for number, row in _jsonl_rows(
+        path, _read_text(path, "suite file", "give an existing JSONL file"), "give a JSONL file, one document per line"
+    ):
         key = str(row.get("id", f"line-{number}")) if isinstance(row, dict) else f"line-{number}"
         out[key] = _strings(row)
     if not out:
@@ -176,9 +178,7 @@ def suite_file_segments(path: str | Path) -> dict[str, list[str]]:
 
 def overlap(suite: str, documents: dict[str, list[str]], training: TrainingIndex) -> Overlap:
     """Check one suite (document id -> its segments) against one indexed training file."""
-    result = Overlap(
-        suite=suite, training_file=training.path, training_hash=training.sha256, n=training.n, documents=len(documents)
-    )
+    result = Overlap(suite=suite, training_file=training.path, training_hash=training.sha256, n=training.n, documents=len(documents))
     for doc_id, segments in documents.items():
         own = set().union(*(ngrams(s, training.n) for s in segments))
         shared = len(own & training.grams)

@@ -102,7 +102,9 @@ def validate(policy: Policy, results: Results) -> list[str]:
             problems.append(f"{where}: suite {suite!r} is not in results.json (suites: {', '.join(suites)}); re-run `gate run` with it")
             continue
         if metric in DRIFT_METRICS and suites[suite].type == "perplexity" and suites[suite].drift_k is None:
-            problems.append(f"{where}: suite {suite!r} was scored without drift, so it has no {metric!r}; add `drift: true` to it and re-run `gate run`")
+            problems.append(
+                f"{where}: suite {suite!r} was scored without drift, so it has no {metric!r}; add `drift: true` to it and re-run `gate run`"
+            )
             continue
         if suites[suite].type in ("lm_eval", "generate"):
             available = set()
@@ -170,7 +172,9 @@ def evaluate(policy: Policy, results: Results, rng: np.random.Generator, release
 def _evaluate(policy: Policy, results: Results, rng: np.random.Generator, release=None) -> Verdict:
     summary = _policy_summary(policy)
     if not policy.gates:
-        return Verdict(VERDICT_SCHEMA_VERSION, None, "no_policy", "no gates configured: add `gates:` to gate.yaml", policy.alpha, summary, [])
+        return Verdict(
+            VERDICT_SCHEMA_VERSION, None, "no_policy", "no gates configured: add `gates:` to gate.yaml", policy.alpha, summary, []
+        )
     lower = directions(policy, results)
     part = "select" if policy.confirm else None
     refs = references(policy, results, release)
@@ -199,7 +203,11 @@ def _evaluate(policy: Policy, results: Results, rng: np.random.Generator, releas
         _conclude(certified)
         best.selection, best.checks = best.checks, certified.checks
         best.p_value, best.p_adjusted, best.level, best.p_all_pass = (
-            certified.p_value, certified.p_adjusted, certified.level, certified.p_all_pass)
+            certified.p_value,
+            certified.p_adjusted,
+            certified.level,
+            certified.p_all_pass,
+        )
         if certified.verdict != "pass":
             best.verdict = certified.verdict
             best.reason = f"held-out items: {certified.reason} (it passed on the selection items)"
@@ -294,7 +302,9 @@ def _check(policy: Policy, gate: Gate, lower_better: bool, ref: Reference, ckpt:
     )
     if gate.suite in ref.incomparable:
         check.outcome = "error"
-        check.reason = f"{ref.label} was scored on other data or settings for suite {gate.suite!r}; bless it again after a run that scores it"
+        check.reason = (
+            f"{ref.label} was scored on other data or settings for suite {gate.suite!r}; bless it again after a run that scores it"
+        )
         return check, None
     if gate.suite in ckpt.skipped:
         check.outcome, check.reason = "skipped", f"not run on this checkpoint ({ckpt.skipped[gate.suite]})"
@@ -321,7 +331,9 @@ def _check(policy: Policy, gate: Gate, lower_better: bool, ref: Reference, ckpt:
     if data.units < minimum:
         # Too few items to certify anything; a regression can still be clear enough to fail.
         what = "clusters" if data.clusters is not None else "items"
-        check.too_small = f"too small: {data.units} {what}, at least {minimum} needed for this check; add {what} (or lower the gate's min_items)"
+        check.too_small = (
+            f"too small: {data.units} {what}, at least {minimum} needed for this check; add {what} (or lower the gate's min_items)"
+        )
     try:
         test = _test(gate, data, rng, iterations)
     except ValueError:
@@ -398,7 +410,9 @@ def _test(gate: Gate, data: Paired, rng, iterations: int):
     return PairedBootstrap(data.base, data.checkpoint, data.weights, transform, gate.relative, rng, iterations, data.clusters)
 
 
-def paired(suite: str, metric: str, base: ModelResult, ckpt: ModelResult, cluster: str | None = None, groups: ModelResult | None = None) -> Paired:
+def paired(
+    suite: str, metric: str, base: ModelResult, ckpt: ModelResult, cluster: str | None = None, groups: ModelResult | None = None
+) -> Paired:
     """Align base and checkpoint per item for one suite metric; refuse anything that does not pair.
 
     ``cluster`` names the item field that groups items (a passage id, a subject): each item's value
@@ -435,7 +449,9 @@ def _paired(suite: str, metric: str, base: ModelResult, ckpt: ModelResult) -> Pa
         weight = "tokens" if metric == "perplexity" else "bytes"
         for i in ids:
             if b[i].tokens != c[i].tokens:
-                raise PolicyError(f"suite {suite!r}: document {i!r} has {b[i].tokens} scored tokens for the base but {c[i].tokens} for {ckpt.name}")
+                raise PolicyError(
+                    f"suite {suite!r}: document {i!r} has {b[i].tokens} scored tokens for the base but {c[i].tokens} for {ckpt.name}"
+                )
         return Paired(
             ids,
             np.array([b[i].nll for i in ids]),
@@ -494,7 +510,9 @@ def _drift_paired(suite: str, metric: str, ckpt: ModelResult, ids: list[str], do
     if ckpt.scores[suite].drift is None:
         raise PolicyError(f"suite {suite!r} has no drift for {ckpt.name}; add `drift: true` to the suite and re-run `gate run`")
     numerator = [docs[i].kl_sum if metric == "kl" else docs[i].top1_matches for i in ids]
-    return Paired(ids, np.zeros(len(ids)), np.array(numerator, dtype=float), np.array([docs[i].tokens for i in ids], dtype=float), "identity")
+    return Paired(
+        ids, np.zeros(len(ids)), np.array(numerator, dtype=float), np.array([docs[i].tokens for i in ids], dtype=float), "identity"
+    )
 
 
 def _same_ids(suite: str, base: dict, ckpt: dict) -> list[str]:
@@ -568,7 +586,10 @@ def _conclude(v: CheckpointVerdict) -> None:
     powers = [c.power for c in deciding]
     v.p_all_pass = math.prod(powers) if powers and all(p is not None for p in powers) else None
     worst: tuple[tuple[CheckOutcome, CheckpointOutcome], ...] = (
-        ("error", "error"), ("fail", "fail"), ("inconclusive", "inconclusive"), ("skipped", "inconclusive")
+        ("error", "error"),
+        ("fail", "fail"),
+        ("inconclusive", "inconclusive"),
+        ("skipped", "inconclusive"),
     )
     for outcome, verdict in worst:
         hit = [c for c in deciding if c.outcome == outcome]

@@ -61,9 +61,7 @@ def choose_base(flag: str | None, config: GateConfig, scan: ScanReport) -> str:
             raise BaseModelError(missing_base_message(name))
         return name
     if not named:
-        raise BaseModelError(
-            "no base model: the checkpoints name none; pass --base MODEL or set `base:` in gate.yaml"
-        )
+        raise BaseModelError("no base model: the checkpoints name none; pass --base MODEL or set `base:` in gate.yaml")
     listing = ", ".join(f"{b!r} ({n})" for b, n in named.most_common())
     raise BaseModelError(f"adapters name different bases ({listing}); pass --base MODEL to choose one")
 
@@ -73,11 +71,7 @@ def load_suites(config: GateConfig) -> list[Suite]:
     suites, problems = [], []
     for spec in config.perplexity_suites:
         try:
-            suites.append(
-                load_suite(
-                    spec.name, spec.path, chat_template=spec.use_chat_template, limit=spec.limit, drift_k=spec.drift_k
-                )
-            )
+            suites.append(load_suite(spec.name, spec.path, chat_template=spec.use_chat_template, limit=spec.limit, drift_k=spec.drift_k))
         except SuiteError as err:
             problems.append(str(err))
     if problems:
@@ -176,7 +170,9 @@ def overlap_documents(ref: str, config_path: str | Path | None = None) -> tuple[
     spec = specs.get(ref) or (builtin_spec(ref) if ref in builtin_entries() else None)
     if spec is None:
         known = sorted(set(specs) | set(builtin_entries()))
-        raise SuiteError(f"{ref}: neither a file nor a suite of gate.yaml or the built-ins ({', '.join(known)}); give a JSONL file or a suite name")
+        raise SuiteError(
+            f"{ref}: neither a file nor a suite of gate.yaml or the built-ins ({', '.join(known)}); give a JSONL file or a suite name"
+        )
     if spec.type != "perplexity":
         raise SuiteError(f"{ref}: an lm-eval suite; give its data file instead (a JSONL file, e.g. the task's test split)")
     suite = load_suite(spec.name, spec.path, chat_template=spec.use_chat_template, limit=spec.limit)

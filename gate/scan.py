@@ -208,8 +208,7 @@ def _candidate_folders(root: Path, warnings: list[str]):
 
 def _has_full_weights(files: set[str]) -> bool:
     return "config.json" in files and any(
-        FULL_SAFETENSORS.match(f) or FULL_PICKLE.match(f) or f == "model.safetensors.index.json"
-        for f in files
+        FULL_SAFETENSORS.match(f) or FULL_PICKLE.match(f) or f == "model.safetensors.index.json" for f in files
     )
 
 
@@ -276,9 +275,7 @@ def _validate_lora(folder: Path, files: set[str], ckpt: Checkpoint, allow_pickle
         ckpt.invalidate(f"{config_path}: cannot be read ({err.strerror}); check its permissions")
         return []
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        ckpt.invalidate(
-            f"{config_path}: not valid JSON ({err}); re-save the adapter with save_pretrained()"
-        )
+        ckpt.invalidate(f"{config_path}: not valid JSON ({err}); re-save the adapter with save_pretrained()")
         return []
     problem = _lora_config_problem(config)
     if problem:
@@ -494,8 +491,7 @@ def _validate_full(folder: Path, files: set[str], ckpt: Checkpoint, allow_pickle
         weights = [folder / f for f in pickled]
     else:
         ckpt.invalidate(
-            f"{folder}: config.json but no model weights; the checkpoint may still be being written "
-            "(re-run when training has saved it)"
+            f"{folder}: config.json but no model weights; the checkpoint may still be being written (re-run when training has saved it)"
         )
         return []
     ckpt.weight_files = [w.name for w in weights]
@@ -522,9 +518,7 @@ def _safetensors_header(path: Path, ckpt: Checkpoint) -> dict | None:
         ckpt.invalidate(f"{path}: cannot be read ({err.strerror}); check its permissions")
         return None
     except (ValueError, KeyError, TypeError, IndexError) as err:
-        ckpt.invalidate(
-            f"{path}: corrupt safetensors file ({err}); re-save or re-copy the checkpoint"
-        )
+        ckpt.invalidate(f"{path}: corrupt safetensors file ({err}); re-save or re-copy the checkpoint")
         return None
     expected = 8 + header_len + end
     if size < expected:
@@ -541,8 +535,7 @@ def _hash(folder: Path, files: list[Path], ckpt: Checkpoint, cache: HashCache | 
     digest = sha256_files(files, folder, cache)
     if file_fingerprint(files) != before:
         ckpt.invalidate(
-            f"{folder}: files changed while being read; the checkpoint is still being written "
-            "(re-run when training has saved it)"
+            f"{folder}: files changed while being read; the checkpoint is still being written (re-run when training has saved it)"
         )
         return
     ckpt.weights_hash = digest
@@ -590,8 +583,4 @@ def missing_base_message(name: str) -> str:
 
 def _missing_base_paths(found: list[Checkpoint]) -> list[str]:
     named = {c.base_model for c in found if c.ok and c.kind == "lora" and c.base_model}
-    return [
-        missing_base_message(name)
-        for name in sorted(named)
-        if looks_like_path(name) and path_is_missing(name)
-    ]
+    return [missing_base_message(name) for name in sorted(named) if looks_like_path(name) and path_is_missing(name)]

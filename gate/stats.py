@@ -146,7 +146,7 @@ def binary_p_values(counts, t: float, relative: bool):
         # The effect cannot reach t (a drop of more than everything): one null hypothesis is empty.
         shape = counts.shape[:-1]
         return (np.zeros(shape), np.ones(shape)) if t <= -1 else (np.ones(shape), np.zeros(shape))
-    up, down = (score_statistic(counts, _contrast(t, True)) if relative else tango_statistic(counts, t))
+    up, down = score_statistic(counts, _contrast(t, True)) if relative else tango_statistic(counts, t)
     return special.ndtr(-up), special.ndtr(down)  # the normal tails (scipy.special: fast on small arrays)
 
 
@@ -451,7 +451,9 @@ class BinomialValue:
         low, high = clopper_pearson(self.k, self.n, level)
         value = self.k / self.n
         var = max(value * (1 - value), 1.0 / self.n)
-        return Estimate(math.nan, value, value, low, high, math.sqrt(var / self.n), self.n, "binomial", level=level, dispersion=var, units=self.n)
+        return Estimate(
+            math.nan, value, value, low, high, math.sqrt(var / self.n), self.n, "binomial", level=level, dispersion=var, units=self.n
+        )
 
 
 class ValueBootstrap:
@@ -478,8 +480,20 @@ class ValueBootstrap:
         def shift(x):
             return None if x is None else x + self._shift
 
-        return Estimate(math.nan, e.value, e.value, shift(e.low), shift(e.high), e.se, e.n, e.method, level=level,
-                        degenerate=e.degenerate, dispersion=e.dispersion, units=e.units)
+        return Estimate(
+            math.nan,
+            e.value,
+            e.value,
+            shift(e.low),
+            shift(e.high),
+            e.se,
+            e.n,
+            e.method,
+            level=level,
+            degenerate=e.degenerate,
+            dispersion=e.dispersion,
+            units=e.units,
+        )
 
 
 def holm(p_values: list[float]) -> list[float]:

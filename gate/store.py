@@ -317,9 +317,7 @@ class ResultsStore:
         ).fetchall()
         if rows:
             return [StoredReference(*r) for r in rows]
-        rows = self._conn.execute(
-            "SELECT dtype, width, hidden FROM drift_hidden WHERE score_key=? ORDER BY position", (key,)
-        ).fetchall()
+        rows = self._conn.execute("SELECT dtype, width, hidden FROM drift_hidden WHERE score_key=? ORDER BY position", (key,)).fetchall()
         return [StoredHidden(*r) for r in rows] or None
 
     def put(
@@ -346,10 +344,7 @@ class ResultsStore:
             extra.append(
                 (
                     "document_drift",
-                    [
-                        (key, i, d.kl_sum, d.top1_matches, json.dumps([vars(t) for t in d.drifted]))
-                        for i, d in enumerate(score.documents)
-                    ],
+                    [(key, i, d.kl_sum, d.top1_matches, json.dumps([vars(t) for t in d.drifted])) for i, d in enumerate(score.documents)],
                 )
             )
         self._replace(
@@ -463,9 +458,7 @@ class ResultsStore:
 
     def count(self) -> int:
         """Number of stored (model, suite) scores of both kinds."""
-        return sum(
-            self._conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0] for table in ("suite_scores", "task_scores")
-        )
+        return sum(self._conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0] for table in ("suite_scores", "task_scores"))
 
     @property
     def hash_cache(self) -> _FileHashCache:
@@ -495,9 +488,7 @@ class _FileHashCache:
         self._conn = conn
 
     def get(self, path: str, size: int, mtime_ns: int) -> str | None:
-        row = self._conn.execute(
-            "SELECT sha256 FROM file_hashes WHERE path=? AND size=? AND mtime_ns=?", (path, size, mtime_ns)
-        ).fetchone()
+        row = self._conn.execute("SELECT sha256 FROM file_hashes WHERE path=? AND size=? AND mtime_ns=?", (path, size, mtime_ns)).fetchone()
         return row[0] if row else None
 
     def put(self, path: str, size: int, mtime_ns: int, sha256: str) -> None:

@@ -121,13 +121,10 @@ def load_suite(
     ``drift_k``: also measure each checkpoint's drift from the base: 0 the exact method, k >= 1 a top-k reference of this size.
     """
     path = Path(path)
-    raw, documents = read_jsonl_items(
-        path, f"suite {name!r}", _parse_line, lambda d: [d.text, d.prompt, d.completion, d.messages]
-    )
+    raw, documents = read_jsonl_items(path, f"suite {name!r}", _parse_line, lambda d: [d.text, d.prompt, d.completion, d.messages])
     if not documents:
         raise SuiteError(
-            f"{path}: suite {name!r} has no documents; write one JSON object per line with "
-            '"text", "prompt" + "completion", or "messages"'
+            f'{path}: suite {name!r} has no documents; write one JSON object per line with "text", "prompt" + "completion", or "messages"'
         )
     options = {}
     if limit is not None:

@@ -132,7 +132,14 @@ class WorkList:
             "groups": self.groups,
             "semantics": self.semantics,
             "items": [
-                {"model": i.model, "suite": i.suite, "kind": i.kind, "key": i.key, "reference": i.reference, "identity": i.identity.as_json()}
+                {
+                    "model": i.model,
+                    "suite": i.suite,
+                    "kind": i.kind,
+                    "key": i.key,
+                    "reference": i.reference,
+                    "identity": i.identity.as_json(),
+                }
                 for i in self.items
             ],
         }

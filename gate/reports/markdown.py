@@ -32,9 +32,14 @@ def render_markdown(view: ReportView, report_name: str = "report.html") -> str:
         table.append(f"| {name} | {row.step if row.step is not None else '—'} | {verdict_cell} | " + " | ".join(cells) + " |")
     tail = ["", "Policy: " + "; ".join(f"`{g}`" for g in verdict.policy.get("gates", [])), ""]
     if view.sizing:
-        tail += ["Suite sizes (80% power at the family's level): " + "; ".join(
-            f"{_escape(s.title)}: MDE {s.mde}, {s.needed if s.needed is not None else '—'} items needed ({s.items} scored)" for s in view.sizing
-        ), ""]
+        tail += [
+            "Suite sizes (80% power at the family's level): "
+            + "; ".join(
+                f"{_escape(s.title)}: MDE {s.mde}, {s.needed if s.needed is not None else '—'} items needed ({s.items} scored)"
+                for s in view.sizing
+            ),
+            "",
+        ]
     if view.overlaps:
         tail += ["Contamination check: " + "; ".join(("✅ " if o.clean else "❌ ") + _escape(o.summary()) for o in view.overlaps), ""]
     flips = _flipped_probes(view)
@@ -60,7 +65,9 @@ def _flipped_probes(view: ReportView) -> list[str]:
     flipped = [(d, sbs, p) for d in downs for sbs in d.outputs for p in sbs.lost + sbs.gained]
     for down, sbs, p in flipped[:MAX_FLIPS]:
         sign = "❌ lost" if p.outcome == "lost" else "✅ gained"
-        lines.append(f"| {_escape(sbs.suite)} | {_code(_escape(down.name))} | {_code(_escape(p.id))} | {sign} | {_escape(_short(p.base))} | {_escape(_short(p.checkpoint))} |")
+        lines.append(
+            f"| {_escape(sbs.suite)} | {_code(_escape(down.name))} | {_code(_escape(p.id))} | {sign} | {_escape(_short(p.base))} | {_escape(_short(p.checkpoint))} |"
+        )
     if len(flipped) > MAX_FLIPS:
         lines.append(f"| … | | | {len(flipped) - MAX_FLIPS} more in the full report | | |")
     if not lines:

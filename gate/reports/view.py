@@ -236,13 +236,19 @@ def build_view(results: Results, verdict: Verdict, top: int = 5, flips: int = 10
     columns = _columns(verdict)
     rows = [_row(v, results, columns, verdict.selected) for v in verdict.checkpoints]
     by_name = {c.name: c for c in results.checkpoints}
-    drilldowns = [
-        _drilldown(v, results.base, by_name[v.name], results, top, flips) for v in verdict.checkpoints if v.name in by_name
-    ]
+    drilldowns = [_drilldown(v, results.base, by_name[v.name], results, top, flips) for v in verdict.checkpoints if v.name in by_name]
     overlaps = [o for s in results.suites for o in s.overlap]
     drift_suites = [s.name for s in results.suites if s.drift_k is not None]
     view = ReportView(
-        verdict, results, columns, rows, drilldowns, _notes(results, verdict), _provenance(results, verdict), overlaps, drift_suites=drift_suites
+        verdict,
+        results,
+        columns,
+        rows,
+        drilldowns,
+        _notes(results, verdict),
+        _provenance(results, verdict),
+        overlaps,
+        drift_suites=drift_suites,
     )
     view.sizing = sizing(verdict, columns)
     family = verdict.policy.get("family")
@@ -432,7 +438,13 @@ def _marks(checks: dict | None, base: dict, ckpt: dict, metric: str) -> list[Che
                 continue
             if kind == "json" and "json_keys" in checks:
                 expected = f"keys {', '.join(checks['json_keys'])}"
-            shown = ", ".join(expected) if isinstance(expected, list) else str(expected).lower() if isinstance(expected, bool) else str(expected)
+            shown = (
+                ", ".join(expected)
+                if isinstance(expected, list)
+                else str(expected).lower()
+                if isinstance(expected, bool)
+                else str(expected)
+            )
             out.append(CheckMark(kind, f"{kind}: {shown}", passed(base, kind), passed(ckpt, kind)))
         return out
     if metric in base and metric in ckpt and {base[metric], ckpt[metric]} <= {0.0, 1.0}:

@@ -63,7 +63,9 @@ def _injected_fault(model: str) -> None:
         os._exit(1)  # a hard death, as on a lost machine: no cleanup, no exception
 
 
-def run_on_ray(request: RunRequest, address: str | None = None, progress: ProgressFn = no_progress, workers: int | None = None) -> RunOutcome:
+def run_on_ray(
+    request: RunRequest, address: str | None = None, progress: ProgressFn = no_progress, workers: int | None = None
+) -> RunOutcome:
     """The distributed run: same inputs and results as ``gate.flow.run``."""
     try:
         import ray

@@ -42,7 +42,7 @@ def render_prompt(probe, suite: ProbeSuite, tokenizer) -> tuple[str, bool]:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), True
     if probe.messages is not None:
         raise SuiteError(
-            f"{suite.path}: line {probe.line} uses \"messages\" but "
+            f'{suite.path}: line {probe.line} uses "messages" but '
             + ("the tokenizer has no chat template" if suite.chat_template else "chat_template is off for this suite")
             + '; write a plain "prompt" instead, or turn chat_template on'
         )

@@ -226,9 +226,7 @@ def task_score(suite: str, prepared: PreparedTask, out: dict) -> TaskScore:
     for leaf in sorted(samples):
         for sample in samples[leaf]:
             doc_id = f"{leaf}/{sample['doc_id']}" if several else str(sample["doc_id"])
-            item = items.setdefault(
-                doc_id, ItemScore(id=doc_id, prompt_hash=sample["prompt_hash"], values={}, excerpt=_excerpt(sample))
-            )
+            item = items.setdefault(doc_id, ItemScore(id=doc_id, prompt_hash=sample["prompt_hash"], values={}, excerpt=_excerpt(sample)))
             suffix = "" if sample.get("filter", "none") == "none" else f",{sample['filter']}"
             for metric in sample.get("metrics", []):
                 _record(item.values, metric, suffix, sample.get(metric))

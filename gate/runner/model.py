@@ -376,10 +376,7 @@ def _check_all_loaded(loaded) -> None:
     unexpected = list(getattr(loaded, "unexpected_keys", None) or [])
     missing = list(getattr(loaded, "missing_keys", None) or [])
     if unexpected:
-        raise _PartialLoad(
-            f"{len(unexpected)} of its tensors have no place in this base and would be ignored "
-            f"(first: {unexpected[0]})"
-        )
+        raise _PartialLoad(f"{len(unexpected)} of its tensors have no place in this base and would be ignored (first: {unexpected[0]})")
     if missing:
         raise _PartialLoad(
             f"its config targets modules whose weights it lacks ({len(missing)}, first: {missing[0]}); "

@@ -127,9 +127,7 @@ def encode_document(doc: Document, suite: Suite, tokenizer) -> EncodedDocument:
     if doc.shape == "text":
         segments = [(doc.text, True)]
     elif doc.shape == "prompt" and templated:
-        prefix = tokenizer.apply_chat_template(
-            [{"role": "user", "content": doc.prompt}], tokenize=False, add_generation_prompt=True
-        )
+        prefix = tokenizer.apply_chat_template([{"role": "user", "content": doc.prompt}], tokenize=False, add_generation_prompt=True)
         segments = [(prefix, False), (doc.completion, True)]
     elif doc.shape == "prompt":
         segments = [(doc.prompt, False), (doc.completion, True)]
@@ -149,16 +147,14 @@ def encode_document(doc: Document, suite: Suite, tokenizer) -> EncodedDocument:
     if not templated or not scored or scored[0]:
         ids, scored = [ctx, *ids], [False, *scored]
     if not any(scored):
-        raise SuiteError(
-            f"{suite.path}: line {doc.line} (document {doc.id!r}) tokenizes to no scored tokens; remove it"
-        )
+        raise SuiteError(f"{suite.path}: line {doc.line} (document {doc.id!r}) tokenizes to no scored tokens; remove it")
     return EncodedDocument(id=doc.id, input_ids=ids, scored=scored, bytes=nbytes)
 
 
 def _message_segments(doc: Document, suite: Suite, tokenizer) -> list[tuple[str, bool]]:
     if not tokenizer.chat_template:
         raise SuiteError(
-            f"{suite.path}: line {doc.line} uses \"messages\" but the tokenizer has no chat template; "
+            f'{suite.path}: line {doc.line} uses "messages" but the tokenizer has no chat template; '
             "use prompt/completion or text documents for this model"
         )
 
@@ -313,7 +309,11 @@ def to_stored(reference: DriftReference, k: int) -> StoredReference | StoredHidd
         if reference.expected is not None:
             # One blob: the hidden states, then m (float32), s (float64) and the base's top-1 (int32).
             dtype += EXPECTED_SUFFIX
-            blob += reference.expected.astype("<f4").tobytes() + reference.offset.astype("<f8").tobytes() + reference.top.astype("<i4").tobytes()
+            blob += (
+                reference.expected.astype("<f4").tobytes()
+                + reference.offset.astype("<f8").tobytes()
+                + reference.top.astype("<i4").tobytes()
+            )
         return StoredHidden(dtype, int(hidden.shape[1]), blob)
     return StoredReference(
         k,
@@ -477,8 +477,7 @@ def score_documents(
     for index, (doc, value) in enumerate(zip(docs, nll)):
         if not math.isfinite(value):
             raise RunFailure(
-                f"document {doc.id!r} has a non-finite log-likelihood ({value}); the weights or the "
-                "dtype overflow (try --dtype float32)"
+                f"document {doc.id!r} has a non-finite log-likelihood ({value}); the weights or the dtype overflow (try --dtype float32)"
             )
         record = DocumentScore(id=doc.id, nll=value, tokens=doc.n_scored, bytes=doc.bytes)
         if drift is not None:
@@ -551,8 +550,7 @@ def _finish_drift(drift: DriftRun, index: int, doc: EncodedDocument, record: Doc
     kl = np.concatenate([p.kl for p in parts])
     if not np.isfinite(kl).all():
         raise RunFailure(
-            f"document {doc.id!r} has a non-finite KL divergence to the base; the weights or the dtype overflow "
-            "(try --dtype float32)"
+            f"document {doc.id!r} has a non-finite KL divergence to the base; the weights or the dtype overflow (try --dtype float32)"
         )
     match = np.concatenate([p.match for p in parts])
     top = np.concatenate([p.top for p in parts])
@@ -563,9 +561,7 @@ def _finish_drift(drift: DriftRun, index: int, doc: EncodedDocument, record: Doc
     record.top1_matches = int(match.sum())
     worst = heapq.nlargest(DRIFT_WORST, range(len(kl)), key=lambda i: kl[i])
     record.drifted = [
-        _drift_token(drift.tokenizer, doc, positions[i], float(kl[i]), int(base_top[i]), int(top[i]))
-        for i in worst
-        if kl[i] > 0
+        _drift_token(drift.tokenizer, doc, positions[i], float(kl[i]), int(base_top[i]), int(top[i])) for i in worst if kl[i] > 0
     ]
 
 
@@ -603,9 +599,7 @@ def run_batches(
             if not is_out_of_memory(err):
                 raise
             if batch_size == 1:
-                raise RunFailure(
-                    "out of memory at batch size 1; lower max_length in gate.yaml or use a larger device"
-                ) from None
+                raise RunFailure("out of memory at batch size 1; lower max_length in gate.yaml or use a larger device") from None
             batch_size //= 2
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -733,7 +727,10 @@ def _forward_drift(
             part = _WindowDrift(positions, hidden=kept[sl])
         elif drift.exact:
             part = _WindowDrift(
-                positions, kl=joined[0][sl].numpy(), match=joined[1][sl].numpy(), top=joined[2][sl].numpy(),
+                positions,
+                kl=joined[0][sl].numpy(),
+                match=joined[1][sl].numpy(),
+                top=joined[2][sl].numpy(),
                 base_top=joined[3][sl].numpy(),
             )
         elif drift.capturing:

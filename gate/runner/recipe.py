@@ -204,9 +204,7 @@ class Runner:
         # (a worker or shard whose share lacks the base computes them for itself).
         needed = {s for m, suites in due.items() if m != "base" for s in suites}
         pending = [
-            s.name
-            for s in request.suites
-            if s.drift_k is not None and s.name in needed and not store.has(base_plan.identities[s.name].key)
+            s.name for s in request.suites if s.drift_k is not None and s.name in needed and not store.has(base_plan.identities[s.name].key)
         ]
         if pending:
             scorer.score(load_base(), base_plan, pending, done, report=set(due.get("base", [])))
@@ -226,7 +224,12 @@ class Runner:
             for plan in by_kind["full"]:
                 self.release()
                 load = functools.partial(
-                    models.load_model, Path(plan.checkpoint.path), scorer.device, scorer.dtype, request.options.trust_remote_code, CheckpointError
+                    models.load_model,
+                    Path(plan.checkpoint.path),
+                    scorer.device,
+                    scorer.dtype,
+                    request.options.trust_remote_code,
+                    CheckpointError,
                 )
                 self.progress_stage(progress, f"loading full checkpoint {plan.name}")
                 scorer.load_and_score(plan, load, models.free_memory, due[plan.name], done)
@@ -323,7 +326,8 @@ def _check_generation_room(request: RunRequest, context: int | None) -> None:
     if context is None:
         return
     problems = [
-        f"line {s.config_line}: " * (s.config_line is not None)
+        f"line {s.config_line}: "
+        * (s.config_line is not None)
         + f"suite {s.name!r}: max_new_tokens {s.max_new_tokens} is not below the model's context of {context} tokens; "
         f"lower max_new_tokens (e.g. {min(128, context // 2)})"
         for s in request.probe_suites
@@ -331,7 +335,6 @@ def _check_generation_room(request: RunRequest, context: int | None) -> None:
     ]
     if problems:
         raise ConfigError(request.config_path, problems)
-
 
 
 def _check_drift_k(request: RunRequest, base_config: dict) -> None:
@@ -456,9 +459,7 @@ class _Scorer:
         if suite not in self.references:
             stored = self.store.get_reference(base_key)
             if stored is None:
-                raise RunFailure(
-                    f"the base's drift reference for suite {suite!r} is not in the results store; run the same command again"
-                )
+                raise RunFailure(f"the base's drift reference for suite {suite!r} is not in the results store; run the same command again")
             self.references[suite] = [ppl.from_stored(r) for r in stored]
         return self.references[suite]
 
@@ -491,9 +492,7 @@ class _Scorer:
                 batch_size=self.request.options.batch_size,
                 device=self.device,
                 pad_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0,
-                on_progress=lambda done, total: self.progress(
-                    ProgressEvent("advance", model=name, suite=suite, done=done, total=total)
-                ),
+                on_progress=lambda done, total: self.progress(ProgressEvent("advance", model=name, suite=suite, done=done, total=total)),
                 drift=drift,
             )
         except ppl.NotLinearHead:
@@ -523,9 +522,7 @@ class _Scorer:
             batch_size=self.request.options.batch_size,
             device=self.device,
             stops=stops,
-            on_progress=lambda done, total: self.progress(
-                ProgressEvent("advance", model=name, suite=suite, done=done, total=total)
-            ),
+            on_progress=lambda done, total: self.progress(ProgressEvent("advance", model=name, suite=suite, done=done, total=total)),
         )
         score = generation.probe_score(probe_suite, encoded, outputs, self.tokenizer, stops, probe_suite.metric)
         self.store.put_task(plan.identities[suite], score, self._provenance(began, used))
@@ -545,4 +542,3 @@ class _Scorer:
         )
         self.store.put_task(plan.identities[suite], score, self._provenance(began, self.request.options.batch_size))
         self.progress(ProgressEvent("done", model=plan.name, suite=suite, done=task.n_documents, total=task.n_documents))
-
