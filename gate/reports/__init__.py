@@ -6,6 +6,7 @@ $GITHUB_STEP_SUMMARY and PR comments) and OUT/junit.xml (one test case per check
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from gate.errors import RunFailure
@@ -29,7 +30,8 @@ def write_reports(results: Results, verdict: Verdict, out_dir: str | Path) -> di
     view = build_view(results, verdict)
     paths = {kind: out_dir / name for kind, name in REPORT_FILES.items()}
     for kind, text in (("html", render_html(view)), ("markdown", render_markdown(view)), ("junit", render_junit(view))):
-        tmp = paths[kind].with_suffix(paths[kind].suffix + ".tmp")
+        # One temporary name per process: two runs finishing on one folder must not rename each other's file.
+        tmp = paths[kind].with_name(f".{paths[kind].name}.{os.getpid()}.tmp")
         try:
             tmp.write_text(text, encoding="utf-8")
             tmp.replace(paths[kind])  # atomic: a reader never sees half a report
