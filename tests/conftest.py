@@ -23,6 +23,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 CONTEXT = 128  # the tiny model's context: long documents below exceed it
 
+# The limit for a subprocess a test starts: only a hang reaches it. Each such run takes seconds to
+# a minute on a quiet 2-core machine; a loaded one (two suites at once, other builds) is several
+# times slower, and speed must never decide a test (pyproject's per-test timeout is the same guard).
+HANG_GUARD_S = 1800
+
 
 @dataclass
 class Fixture:

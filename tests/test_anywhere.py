@@ -20,6 +20,8 @@ from types import SimpleNamespace
 import pytest
 from click.testing import CliRunner
 
+from conftest import HANG_GUARD_S
+
 import gate
 from gate.config import TOP_KEYS, load_config, load_policy
 from gate.errors import ConfigError, GateError
@@ -82,7 +84,7 @@ def main():
 def gate_without_torch(*args, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(gate.__file__).parent.parent), os.environ.get("PYTHONPATH", "")])}
     return subprocess.run(
-        [sys.executable, "-c", NO_GPU_STACK, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", NO_GPU_STACK, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S
     )
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import save_nan_base
+from conftest import HANG_GUARD_S, save_nan_base
 
 ROOT = Path(__file__).resolve().parent.parent
 ACTION_DIR = ROOT / ".github" / "actions" / "gate"
@@ -148,7 +148,7 @@ class World:
         }
         (job_dir / "job.json").write_text(json.dumps(spec))
         env = {**os.environ, "GATE_NODE_MODULES": str(NODE_MODULES)}
-        proc = subprocess.run(["node", str(RUNNER), str(job_dir / "job.json")], capture_output=True, text=True, env=env, timeout=600)
+        proc = subprocess.run(["node", str(RUNNER), str(job_dir / "job.json")], capture_output=True, text=True, env=env, timeout=HANG_GUARD_S)
         assert proc.returncode in (0, 1), proc.stdout + proc.stderr
         record = json.loads((job_dir / "record.json").read_text())
         assert (record["status"] != "failure") == (proc.returncode == 0)

@@ -13,6 +13,7 @@ import sys
 
 import pytest
 
+from conftest import HANG_GUARD_S
 from gate.train.tiny import save_untrained_adapter
 
 
@@ -57,7 +58,7 @@ def test_two_runs_on_one_output_folder_both_finish(world, tmp_path):
     out = tmp_path / "out"
     cmd = gate_cmd("run", world.checkpoints, "--config", world.config, "--out", out, "-q", "--device", "cpu")
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    results = [p.communicate(timeout=300) for p in procs]
+    results = [p.communicate(timeout=HANG_GUARD_S) for p in procs]
     # On failure, show each run's error lines in full (pytest would cut the whole outputs short).
     errors = [[line for line in err.splitlines() if line.startswith(("error", "internal error"))] for _, err in results]
     assert [p.returncode for p in procs] == [1, 1], errors  # both finish (no candidate: tiny suites)
@@ -140,7 +141,7 @@ def test_ctrl_c_during_scoring_exits_130_and_the_rerun_finishes(world, tmp_path)
     # ignoring: give the run the default disposition, as an interactive terminal would.
     restore = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=restore)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + HANG_GUARD_S
     rows = 0
     while rows == 0 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -150,7 +151,7 @@ def test_ctrl_c_during_scoring_exits_130_and_the_rerun_finishes(world, tmp_path)
             rows = 0
     assert proc.poll() is None, "the run finished before it could be interrupted"
     proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=120)
+    stdout, stderr = proc.communicate(timeout=HANG_GUARD_S)
     assert proc.returncode == 130, f"exit {proc.returncode}\nstdout:\n{stdout}\nstderr:\n{stderr}"
     assert "interrupted: every finished score is kept" in stderr and "Traceback" not in stderr
     stored = store_ok(out)

@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from conftest import write_jsonl
+from conftest import HANG_GUARD_S, write_jsonl
 from gate.request import prepare_run
 from gate.progress import ProgressEvent
 from gate.results import read_results
@@ -144,7 +144,7 @@ def test_killed_process_leaves_a_sound_store_and_the_rerun_finishes(world, tmp_p
     cmd = [sys.executable, "-m", "gate", "run", str(world.checkpoints), "--config", str(config), "--out", str(out), "-q", "--device", "cpu"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
     rows = 0
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + HANG_GUARD_S
     while rows == 0 and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)
         if store.exists():
